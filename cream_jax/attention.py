@@ -1,0 +1,160 @@
+"""Causal attention backends behind one signature.
+
+    attend(q_BxSxHxK, k_BxSxNxK, v_BxSxNxK, segment_ids_BxS, backend=..., block_size=...)
+
+Shapes: B batch, S sequence, H query heads, N key/value heads (H = N * G,
+G query heads per kv head: GQA, N = 1 is MQA), K head_dim. Causality follows
+sequence order, never position values (CREAM's position ids jump); tokens
+attend only within their own segment (packed rows). EABF needs nothing here:
+the model multiplies q by its scale before calling.
+
+- `dot_product`: the reference; materialises the S x S logits.
+- `blockwise`: online softmax over key/value blocks (flash attention in pure
+  JAX) with its own backward pass that recomputes the blocks, so forward and
+  gradient memory grow linearly in S. Blocks above the diagonal are skipped.
+"""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+
+_MASKED = -1e30  # finite, so a fully masked (padding) row gives zeros, not NaN
+
+
+def attend(q, k, v, segment_ids=None, *, backend: str = "dot_product", block_size: int = 512):
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads.")
+    if segment_ids is None:
+        segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
+    if backend == "dot_product":
+        return dot_product_attention(q, k, v, segment_ids)
+    if backend == "blockwise":
+        return blockwise_attention(q, k, v, segment_ids, block_size=block_size)
+    raise ValueError(f"Unknown attention backend {backend!r}; use 'dot_product' or 'blockwise'.")
+
+
+def _mask(q_index, kv_index, q_segment, kv_segment):
+    """[B, Sq, Sk] boolean: causal in sequence order and same segment."""
+    causal = q_index[:, None] >= kv_index[None, :]
+    same = q_segment[:, :, None] == kv_segment[:, None, :]
+    return causal[None] & same
+
+
+def dot_product_attention(q_BxSxHxK, k_BxTxNxK, v_BxTxNxK, segment_ids_BxS):
+    B, S, H, K = q_BxSxHxK.shape
+    N = k_BxTxNxK.shape[2]
+    q_BxSxNxGxK = q_BxSxHxK.reshape(B, S, N, H // N, K)
+    logits_BxNxGxSxT = jnp.einsum("bsngk,btnk->bngst", q_BxSxNxGxK, k_BxTxNxK,
+                                  preferred_element_type=jnp.float32) * (K ** -0.5)
+    index = jnp.arange(S)
+    mask_BxSxT = _mask(index, index, segment_ids_BxS, segment_ids_BxS)
+    logits_BxNxGxSxT = jnp.where(mask_BxSxT[:, None, None], logits_BxNxGxSxT, _MASKED)
+    probs = jax.nn.softmax(logits_BxNxGxSxT, axis=-1).astype(v_BxTxNxK.dtype)
+    out_BxSxNxGxK = jnp.einsum("bngst,btnk->bsngk", probs, v_BxTxNxK)
+    return out_BxSxNxGxK.reshape(B, S, H, K)
+
+
+def blockwise_attention(q_BxSxHxK, k_BxSxNxK, v_BxSxNxK, segment_ids_BxS, *, block_size: int = 512):
+    B, S, H, K = q_BxSxHxK.shape
+    N = k_BxSxNxK.shape[2]
+    G = H // N
+    c = min(block_size, S)
+    pad = (-S) % c
+    if pad:  # padded keys get segment -1 (never attended), padded queries -2 (dropped below)
+        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+        q_BxSxHxK, k_BxSxNxK, v_BxSxNxK = (jnp.pad(x, widths) for x in (q_BxSxHxK, k_BxSxNxK, v_BxSxNxK))
+    nb = (S + pad) // c
+    q_seg = jnp.pad(segment_ids_BxS, ((0, 0), (0, pad)), constant_values=-2)
+    kv_seg = jnp.pad(segment_ids_BxS, ((0, 0), (0, pad)), constant_values=-1)
+    # Blocks first, heads before length: q [nb, B, N, G, c, K], k/v [nb, B, N, c, K].
+    q = (q_BxSxHxK * (K ** -0.5)).reshape(B, nb, c, N, G, K).transpose(1, 0, 3, 4, 2, 5)
+    k = k_BxSxNxK.reshape(B, nb, c, N, K).transpose(1, 0, 3, 2, 4)
+    v = v_BxSxNxK.reshape(B, nb, c, N, K).transpose(1, 0, 3, 2, 4)
+    q_seg = q_seg.reshape(B, nb, c).transpose(1, 0, 2)
+    kv_seg = kv_seg.reshape(B, nb, c).transpose(1, 0, 2)
+    out = _flash(q, k, v, q_seg, kv_seg)  # [nb, B, N, G, c, K]
+    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(B, nb * c, H, K)
+    return out[:, :S]
+
+
+def _block_probs(q_i, k_j, q_seg_i, kv_seg_j, i, j, lse_i=None):
+    """Scaled logits (or probabilities given lse) of query block i against key block j."""
+    c = q_i.shape[-2]
+    s = jnp.einsum("bngqk,bnsk->bngqs", q_i, k_j, preferred_element_type=jnp.float32)
+    mask = _mask(i * c + jnp.arange(c), j * c + jnp.arange(c), q_seg_i, kv_seg_j)[:, None, None]
+    if lse_i is None:
+        return jnp.where(mask, s, _MASKED), mask
+    return jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
+
+
+def _flash_forward(q, k, v, q_seg, kv_seg):
+    def one_query_block(i):
+        q_i = q[i]
+        B, N, G, c, K = q_i.shape
+
+        def step(j, carry):
+            o, m, l = carry
+            s, mask = _block_probs(q_i, k[j], q_seg[i], kv_seg[j], i, j)
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+            correction = jnp.exp(m - m_new)
+            l = l * correction + p.sum(-1)
+            pv = jnp.einsum("bngqs,bnsk->bngqk", p.astype(v.dtype), v[j], preferred_element_type=jnp.float32)
+            return o * correction[..., None] + pv, m_new, l
+
+        init = (jnp.zeros((B, N, G, c, K), jnp.float32), jnp.full((B, N, G, c), _MASKED, jnp.float32),
+                jnp.zeros((B, N, G, c), jnp.float32))
+        o, m, l = jax.lax.fori_loop(0, i + 1, step, init)  # causal: key blocks 0..i only
+        l = jnp.where(l == 0, 1.0, l)
+        return (o / l[..., None]).astype(q.dtype), m + jnp.log(l)
+
+    return jax.lax.map(one_query_block, jnp.arange(q.shape[0]))
+
+
+@jax.custom_vjp
+def _flash(q, k, v, q_seg, kv_seg):
+    return _flash_forward(q, k, v, q_seg, kv_seg)[0]
+
+
+def _flash_fwd(q, k, v, q_seg, kv_seg):
+    out, lse = _flash_forward(q, k, v, q_seg, kv_seg)
+    return out, (q, k, v, q_seg, kv_seg, out, lse)
+
+
+def _flash_bwd(residuals, d_out):
+    q, k, v, q_seg, kv_seg, out, lse = residuals
+    nb = q.shape[0]
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [nb, B, N, G, c]
+
+    def dp_ds(i, j):
+        p = _block_probs(q[i], k[j], q_seg[i], kv_seg[j], i, j, lse[i])
+        dp = jnp.einsum("bngqk,bnsk->bngqs", d_out[i], v[j], preferred_element_type=jnp.float32)
+        return p, p * (dp - delta[i][..., None])
+
+    def dq_block(i):
+        def step(j, dq):
+            _, ds = dp_ds(i, j)
+            return dq + jnp.einsum("bngqs,bnsk->bngqk", ds, k[j], preferred_element_type=jnp.float32)
+
+        return jax.lax.fori_loop(0, i + 1, step, jnp.zeros(q.shape[1:], jnp.float32)).astype(q.dtype)
+
+    def dkv_block(j):
+        def step(i, carry):
+            dk, dv = carry
+            p, ds = dp_ds(i, j)
+            dv = dv + jnp.einsum("bngqs,bngqk->bnsk", p, d_out[i], preferred_element_type=jnp.float32)
+            dk = dk + jnp.einsum("bngqs,bngqk->bnsk", ds, q[i], preferred_element_type=jnp.float32)
+            return dk, dv
+
+        zeros = jnp.zeros(k.shape[1:], jnp.float32)
+        dk, dv = jax.lax.fori_loop(j, nb, step, (zeros, zeros))  # causal: query blocks j..nb-1
+        return dk.astype(k.dtype), dv.astype(v.dtype)
+
+    dq = jax.lax.map(dq_block, jnp.arange(nb))
+    dk, dv = jax.lax.map(dkv_block, jnp.arange(nb))
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)

@@ -1,0 +1,185 @@
+"""A Llama in Flax NNX with Hugging Face's parameter names and layout.
+
+Parameter paths mirror `LlamaForCausalLM`'s state dict: `model.embed_tokens.weight`,
+`model.layers.self_attn.q_proj.weight`, ..., `model.norm.weight`, `lm_head.weight`.
+The decoder layers are stacked on a leading `layers` axis and run by a
+`jax.lax.scan`, so compile time does not grow with depth; a torch Linear
+`(out, in)` becomes our `(in, out)` (heads split out), so conversion is a
+transpose, a reshape and a stack (see `hf.py`).
+
+Shape suffixes: B batch, S sequence, D hidden, F intermediate, V vocab,
+H query heads, N kv heads, K head_dim, L layers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from cream_jax import rope
+from cream_jax.attention import attend
+from cream_jax.config import LlamaConfig
+from cream_jax.sharding import constrain
+
+# How many leading (input) axes each projection's kernel has; the rest are outputs.
+PROJECTION_INPUT_AXES = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2,
+                         "gate_proj": 1, "up_proj": 1, "down_proj": 1, "lm_head": 1}
+_SAVED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class Weight(nnx.Module):
+    """One tensor named `weight`, as in torch, with its logical axis names."""
+
+    def __init__(self, value: jax.Array, names: tuple[str, ...]):
+        self.weight = nnx.Param(value, sharding_names=names, eager_sharding=False)
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, dtype):
+        L, D, H, N, K, std = (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+                              cfg.num_key_value_heads, cfg.head_dim, cfg.initializer_range)
+        self.q_proj = Weight(_normal(rngs, (L, D, H, K), std, dtype), ("layers", "embed", "heads", "head_dim"))
+        self.k_proj = Weight(_normal(rngs, (L, D, N, K), std, dtype), ("layers", "embed", "kv_heads", "head_dim"))
+        self.v_proj = Weight(_normal(rngs, (L, D, N, K), std, dtype), ("layers", "embed", "kv_heads", "head_dim"))
+        self.o_proj = Weight(_normal(rngs, (L, H, K, D), std, dtype), ("layers", "heads", "head_dim", "embed"))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, dtype):
+        L, D, F, std = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range
+        self.gate_proj = Weight(_normal(rngs, (L, D, F), std, dtype), ("layers", "embed", "mlp"))
+        self.up_proj = Weight(_normal(rngs, (L, D, F), std, dtype), ("layers", "embed", "mlp"))
+        self.down_proj = Weight(_normal(rngs, (L, F, D), std, dtype), ("layers", "mlp", "embed"))
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers' parameters, stacked on the leading `layers` axis."""
+
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, dtype):
+        L, D = cfg.num_hidden_layers, cfg.hidden_size
+        self.self_attn = Attention(cfg, rngs, dtype)
+        self.mlp = MLP(cfg, rngs, dtype)
+        self.input_layernorm = Weight(jnp.ones((L, D), dtype), ("layers", "norm"))
+        self.post_attention_layernorm = Weight(jnp.ones((L, D), dtype), ("layers", "norm"))
+
+
+class LlamaModel(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, dtype):
+        self.embed_tokens = Weight(_normal(rngs, (cfg.vocab_size, cfg.hidden_size), cfg.initializer_range, dtype),
+                                   ("vocab", "embed"))
+        self.layers = DecoderLayers(cfg, rngs, dtype)
+        self.norm = Weight(jnp.ones((cfg.hidden_size,), dtype), ("norm",))
+
+
+class Llama(nnx.Module):
+    """`Llama(config, rngs=nnx.Rngs(0))(tokens, position_ids=..., segment_ids=...) -> logits [B,S,V]` (float32)."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype = jnp.dtype(config.param_dtype)
+        self.model = LlamaModel(config, rngs, dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = Weight(_normal(rngs, (config.hidden_size, config.vocab_size), config.initializer_range,
+                                          dtype), ("embed", "vocab"))
+
+    def __call__(self, tokens_BxS, position_ids=None, segment_ids=None):
+        return forward(self.config, nnx.to_pure_dict(nnx.state(self, nnx.Param)), tokens_BxS,
+                       position_ids=position_ids, segment_ids=segment_ids)
+
+
+def rms_norm(x_BxSxD, weight_D, eps: float):
+    """As HF: normalise in float32, cast back, then multiply by the weight."""
+    x = x_BxSxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return weight_D.astype(x_BxSxD.dtype) * x.astype(x_BxSxD.dtype)
+
+
+def decoder_layer(cfg: LlamaConfig, p: dict, x_BxSxD, cos_BxSxK, sin_BxSxK, q_scale_BxS, segment_ids_BxS):
+    """One layer on one layer's parameters `p` (a slice of the stacked tree)."""
+    dtype = x_BxSxD.dtype
+    w = lambda module, name: p[module][name]["weight"].astype(dtype)  # noqa: E731
+
+    h_BxSxD = rms_norm(x_BxSxD, p["input_layernorm"]["weight"], cfg.rms_norm_eps)
+    q_BxSxHxK = checkpoint_name(jnp.einsum("bsd,dhk->bshk", h_BxSxD, w("self_attn", "q_proj")), "q_proj")
+    k_BxSxNxK = checkpoint_name(jnp.einsum("bsd,dnk->bsnk", h_BxSxD, w("self_attn", "k_proj")), "k_proj")
+    v_BxSxNxK = checkpoint_name(jnp.einsum("bsd,dnk->bsnk", h_BxSxD, w("self_attn", "v_proj")), "v_proj")
+    q_BxSxHxK = constrain(q_BxSxHxK, ("batch", "length", "activation_heads", None))
+    k_BxSxNxK = constrain(k_BxSxNxK, ("batch", "length", "activation_kv_heads", None))
+    q_BxSxHxK = rope.apply_rotary(q_BxSxHxK, cos_BxSxK, sin_BxSxK)
+    k_BxSxNxK = rope.apply_rotary(k_BxSxNxK, cos_BxSxK, sin_BxSxK)
+    if q_scale_BxS is not None:  # EABF: scale the query after RoPE
+        q_BxSxHxK = (q_BxSxHxK.astype(jnp.float32) * q_scale_BxS[:, :, None, None]).astype(dtype)
+    attn_BxSxHxK = attend(q_BxSxHxK, k_BxSxNxK, v_BxSxNxK, segment_ids_BxS,
+                          backend=cfg.attention, block_size=cfg.attention_block_size)
+    out_BxSxD = checkpoint_name(jnp.einsum("bshk,hkd->bsd", attn_BxSxHxK, w("self_attn", "o_proj")), "o_proj")
+    x_BxSxD = constrain(x_BxSxD + out_BxSxD, ("batch", "length", "activation_embed"))
+
+    h_BxSxD = rms_norm(x_BxSxD, p["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
+    gate_BxSxF = checkpoint_name(jnp.einsum("bsd,df->bsf", h_BxSxD, w("mlp", "gate_proj")), "gate_proj")
+    up_BxSxF = checkpoint_name(jnp.einsum("bsd,df->bsf", h_BxSxD, w("mlp", "up_proj")), "up_proj")
+    act_BxSxF = constrain(jax.nn.silu(gate_BxSxF) * up_BxSxF, ("batch", "length", "activation_mlp"))
+    out_BxSxD = checkpoint_name(jnp.einsum("bsf,fd->bsd", act_BxSxF, w("mlp", "down_proj")), "down_proj")
+    return constrain(x_BxSxD + out_BxSxD, ("batch", "length", "activation_embed"))
+
+
+def remat_policy(name: str):
+    """`full` saves nothing; `save_proj` keeps every projection's output; `save_dots` every matmul's."""
+    return {
+        "full": None,
+        "save_proj": jax.checkpoint_policies.save_only_these_names(*_SAVED_PROJECTIONS),
+        "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }[name]
+
+
+def forward(cfg: LlamaConfig, params: dict, tokens_BxS, position_ids=None, segment_ids=None):
+    """The pure forward pass on a nested dict of parameters (the NNX state as a pure dict)."""
+    B, S = tokens_BxS.shape
+    dtype = jnp.dtype(cfg.dtype)
+    if position_ids is None:
+        position_ids = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    embed_VxD = params["model"]["embed_tokens"]["weight"]
+    x_BxSxD = jnp.take(embed_VxD, tokens_BxS, axis=0).astype(dtype)
+    x_BxSxD = constrain(x_BxSxD, ("batch", "length", "activation_embed"))
+    cos_BxSxK, sin_BxSxK = rope.cos_sin(cfg, position_ids)
+    q_scale_BxS = rope.eabf_scale(position_ids, cfg.eabf.base_length) if cfg.eabf.enabled else None
+    skip = jnp.asarray(cfg.eabf.skip_layers or (-1,), jnp.int32)
+
+    def layer(x_BxSxD, layer_params_and_index):
+        p, index = layer_params_and_index
+        scale = None
+        if q_scale_BxS is not None:
+            scale = jnp.where(jnp.any(skip == index), 1.0, q_scale_BxS)
+        return decoder_layer(cfg, p, x_BxSxD, cos_BxSxK, sin_BxSxK, scale, segment_ids), None
+
+    if cfg.remat != "none":
+        layer = jax.checkpoint(layer, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+    stacked = (params["model"]["layers"], jnp.arange(cfg.num_hidden_layers))
+    if cfg.scan_layers:
+        x_BxSxD, _ = jax.lax.scan(layer, x_BxSxD, stacked)
+    else:  # unrolled: one copy of the layer per depth (e.g. for exact compiler cost figures)
+        for i in range(cfg.num_hidden_layers):
+            x_BxSxD, _ = layer(x_BxSxD, jax.tree.map(lambda a: a[i], stacked))
+
+    x_BxSxD = rms_norm(x_BxSxD, params["model"]["norm"]["weight"], cfg.rms_norm_eps)
+    if cfg.tie_word_embeddings:
+        logits_BxSxV = jnp.einsum("bsd,vd->bsv", x_BxSxD, embed_VxD.astype(dtype), preferred_element_type=jnp.float32)
+    else:
+        logits_BxSxV = jnp.einsum("bsd,dv->bsv", x_BxSxD, params["lm_head"]["weight"].astype(dtype),
+                                  preferred_element_type=jnp.float32)
+    return constrain(logits_BxSxV, ("batch", "length", "activation_vocab"))
+
+
+def init(config: LlamaConfig, seed: int = 0) -> Llama:
+    """A randomly initialised model."""
+    return Llama(config, rngs=nnx.Rngs(seed))
+
+
+def abstract(config: LlamaConfig) -> Llama:
+    """The model's structure with shapes and dtypes only (no memory allocated)."""
+    return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
