@@ -78,7 +78,7 @@ class EabfConfig:
         if self.base_length < 2:
             raise ConfigError(f"eabf.base_length={self.base_length} must be >= 2 (it is ln(c) in a denominator).")
         bad = [i for i in self.skip_layers if not 0 <= i < num_layers]
-        if bad:
+        if self.enabled and bad:
             raise ConfigError(f"eabf.skip_layers has {bad}, outside the model's layers 0..{num_layers - 1}.")
 
 

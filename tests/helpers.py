@@ -1,0 +1,45 @@
+"""Shared test helpers: tiny random transformers Llamas saved to disk."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128)
+
+
+def random_hf_llama(path, seed: int = 0, std: float = 0.2, **overrides) -> transformers.LlamaForCausalLM:
+    """A transformers Llama with random weights (large enough std that errors would show), saved to `path`."""
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(**{**TINY, **overrides}, attn_implementation="eager")
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    model.save_pretrained(path)
+    return model
+
+
+def hf_logits(model, tokens: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(tokens), position_ids=torch.from_numpy(position_ids)).logits.numpy()
+
+
+def relative_error(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def cream_like_positions(rng: np.random.Generator, batch: int, length: int, target: int) -> np.ndarray:
+    """Head, jumped middle, tail ending at target - 1: strictly rising, non-contiguous."""
+    third = length // 3
+    rows = []
+    for _ in range(batch):
+        head = np.arange(third)
+        tail = np.arange(target - third, target)
+        m = length - 2 * third
+        start = rng.integers(third, target - third - m)
+        rows.append(np.concatenate([head, np.arange(start, start + m), tail]))
+    return np.stack(rows).astype(np.int64)
