@@ -59,3 +59,12 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, mesh_axes=mesh.axis_names))
+
+
+def param_specs(module, rules=None, mesh_axes: Sequence[str] | None = None):
+    """PartitionSpecs for an NNX module's parameters, as a pure dict shaped like `nnx.to_pure_dict`."""
+    from flax import nnx
+
+    names = nnx.map_state(lambda _, v: v.get_metadata()["out_sharding"], nnx.state(module, nnx.Param))
+    return jax.tree.map(lambda n: logical_to_spec(n, rules, mesh_axes), nnx.to_pure_dict(names),
+                        is_leaf=lambda x: isinstance(x, tuple))
