@@ -18,9 +18,9 @@ from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
@@ -197,34 +197,55 @@ def expected_tensors(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 # ----------------------------------------------------------------------------- reading
 
 
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                       "BOOL": np.bool_}
+
+
+def _read_header(file: Path) -> tuple[dict[str, Any], int]:
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
 class _SafetensorsDir:
-    """Lazy access to the tensors of a single-file or sharded safetensors checkpoint."""
+    """The tensors of a single-file or sharded safetensors checkpoint, read one at a time with plain
+    file reads (no mmap, whose touched pages would stay resident and double the memory of a conversion)."""
 
     def __init__(self, path: Path):
         index, single = path / INDEX_FILE, path / SINGLE_FILE
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
         elif single.exists():
-            with safe_open(single, "numpy") as f:
-                weight_map = {k: SINGLE_FILE for k in f.keys()}
+            weight_map = {k: SINGLE_FILE for k in _read_header(single)[0]}
         else:
             raise HFFormatError(f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE}: not a safetensors checkpoint.")
+        self.headers = {}
         for shard in sorted(set(weight_map.values())):
             if not (path / shard).exists():
                 raise HFFormatError(f"{path / shard} is named in {INDEX_FILE} but missing (incomplete download?).")
-        self.path, self.weight_map, self._open = path, weight_map, {}
-
-    def _file(self, name: str):
-        shard = self.weight_map[name]
-        if shard not in self._open:
-            self._open[shard] = safe_open(self.path / shard, "numpy")
-        return self._open[shard]
+            self.headers[shard] = _read_header(path / shard)
+        for name, shard in weight_map.items():
+            if name not in self.headers[shard][0]:
+                raise HFFormatError(f"{INDEX_FILE} puts {name} in {shard}, which does not hold it.")
+        self.path, self.weight_map = path, weight_map
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._file(name).get_slice(name).get_shape())
+        return tuple(self.headers[self.weight_map[name]][0][name]["shape"])
 
     def get(self, name: str) -> np.ndarray:
-        return self._file(name).get_tensor(name)
+        shard = self.weight_map[name]
+        header, data_start = self.headers[shard]
+        info = header[name]
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise HFFormatError(f"tensor {name} has dtype {info['dtype']}, which cream-jax cannot read.")
+        start, end = info["data_offsets"]
+        with open(self.path / shard, "rb") as f:
+            f.seek(data_start + start)
+            data = f.read(end - start)
+        return np.frombuffer(data, _SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 def _check_tensors(files: _SafetensorsDir, cfg: LlamaConfig) -> None:

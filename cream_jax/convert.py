@@ -1,0 +1,63 @@
+"""Convert between Hugging Face directories and cream-jax Orbax checkpoints.
+
+    python -m cream_jax.convert hf-to-orbax --hf DIR --out DIR [--param-dtype bfloat16]
+    python -m cream_jax.convert orbax-to-hf --ckpt DIR --out DIR [--tokenizer tokenizer.model] [--dtype bfloat16]
+
+Both stream tensor by tensor: the model is held once, plus one tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cream_jax import checkpoint, hf
+
+
+def _parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    for unit, scale in sorted(units.items(), key=lambda u: -len(u[0])):
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * scale)
+    return int(t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cream_jax.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("hf-to-orbax", help="a transformers Llama directory -> a params checkpoint")
+    a.add_argument("--hf", required=True, help="directory with config.json and safetensors")
+    a.add_argument("--out", required=True, help="new checkpoint directory")
+    a.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="storage dtype of the parameters (default float32 master weights)")
+    b = sub.add_parser("orbax-to-hf", help="a params checkpoint -> a transformers directory")
+    b.add_argument("--ckpt", required=True, help="checkpoint directory (from hf-to-orbax)")
+    b.add_argument("--out", required=True, help="output directory")
+    b.add_argument("--tokenizer", help="SentencePiece tokenizer.model to ship beside the weights")
+    b.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="tensor dtype in the export (default: the parameters' dtype)")
+    b.add_argument("--max-shard-size", default="5GB", help="shard the safetensors above this size (e.g. 2GB)")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "hf-to-orbax":
+            checkpoint.check_new(args.out)
+            module = hf.load_hf(args.hf, param_dtype=args.param_dtype)
+            out = checkpoint.save_params(module, args.out)
+        else:
+            module = checkpoint.load_params(args.ckpt)
+            out = hf.save_hf(module, args.out, tokenizer=args.tokenizer, dtype=args.dtype,
+                             max_shard_bytes=_parse_size(args.max_shard_size))
+    except (hf.HFFormatError, checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = module.config
+    print(f"wrote {out} ({cfg.num_params() / 1e6:.1f}M parameters, {cfg.num_hidden_layers} layers, "
+          f"rope={cfg.rope.type}, eabf={'on' if cfg.eabf.enabled else 'off'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

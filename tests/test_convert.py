@@ -1,0 +1,64 @@
+"""`python -m cream_jax.convert`: both directions, errors before work, and memory that stays near one model."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cream_jax import checkpoint, convert
+from helpers import random_hf_llama
+from test_hf_bridge import assert_bit_identical, read_all
+
+
+def test_cli_round_trip_is_bit_identical(tmp_path, capsys):
+    random_hf_llama(tmp_path / "hf", rope_scaling={"rope_type": "linear", "factor": 8.0},
+                    max_position_embeddings=32768)
+    assert convert.main(["hf-to-orbax", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
+    assert checkpoint.load_params(tmp_path / "ckpt").config.rope.factor == 8.0
+    assert convert.main(["orbax-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"),
+                         "--max-shard-size", "60KB"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+    assert_bit_identical(read_all(tmp_path / "hf"), read_all(tmp_path / "out"))
+
+
+def test_cli_errors_before_work(tmp_path, capsys):
+    random_hf_llama(tmp_path / "hf")
+    assert convert.main(["hf-to-orbax", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
+    before = sorted(p.name for p in (tmp_path / "ckpt").rglob("*"))
+    assert convert.main(["hf-to-orbax", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "ckpt").rglob("*")) == before  # nothing overwritten
+    assert convert.main(["orbax-to-hf", "--ckpt", str(tmp_path / "hf"), "--out", str(tmp_path / "o")]) == 2
+    assert "no model_config.json" in capsys.readouterr().err
+    assert convert.main(["orbax-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o"),
+                         "--tokenizer", str(tmp_path / "nope.model")]) == 2
+    assert "nope.model does not exist" in capsys.readouterr().err
+
+
+def _peak_rss_mib(args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    child = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)  # the child's own peak RSS
+    child.returncode = os.waitstatus_to_exitcode(status)
+    assert child.returncode == 0, args
+    return usage.ru_maxrss / 1024
+
+
+def test_conversion_streams_instead_of_copying(tmp_path):
+    """A 640 MiB model: each direction peaks well below two copies of it above the interpreter's baseline."""
+    random_hf_llama(tmp_path / "hf", std=0.02, vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                    num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8)
+    model_mib = os.path.getsize(tmp_path / "hf" / "model.safetensors") / 2**20
+    baseline = _peak_rss_mib(["-c", "import cream_jax, jax; jax.numpy.zeros(1)"])
+    to_orbax = _peak_rss_mib(["-m", "cream_jax.convert", "hf-to-orbax", "--hf", str(tmp_path / "hf"),
+                              "--out", str(tmp_path / "ckpt")]) - baseline
+    to_hf = _peak_rss_mib(["-m", "cream_jax.convert", "orbax-to-hf", "--ckpt", str(tmp_path / "ckpt"),
+                           "--out", str(tmp_path / "out"), "--max-shard-size", "200MB"]) - baseline
+    print(f"\nmodel {model_mib:.0f} MiB; peak above baseline: hf-to-orbax {to_orbax:.0f} MiB, "
+          f"orbax-to-hf {to_hf:.0f} MiB")
+    assert to_orbax < 1.75 * model_mib and to_hf < 1.75 * model_mib
+    a, b = read_all(tmp_path / "hf"), read_all(tmp_path / "out")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
