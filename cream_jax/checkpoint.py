@@ -33,9 +33,9 @@ def config_from_json(text: str, **overrides: Any) -> LlamaConfig:
 
 def _checkpointer(tree) -> ocp.Checkpointer:
     """Orbax copies device buffers to host before writing them; bounding the bytes in flight to the
-    largest tensor (at least 256 MiB) keeps a conversion near one copy of the model instead of two."""
+    largest tensor (at least 64 MiB) keeps a conversion near one copy of the model instead of two."""
     largest = max(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-    in_flight_gb = max(largest, 2**28) / 1e9  # Orbax counts 10^9 bytes to the GB
+    in_flight_gb = (max(largest, 2**26) + 2**20) / 1e9  # Orbax counts 10^9 bytes to the GB
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(
         save_concurrent_gb=in_flight_gb, save_device_host_concurrent_gb=in_flight_gb,
         restore_concurrent_gb=in_flight_gb))

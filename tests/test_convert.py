@@ -38,13 +38,24 @@ def test_cli_errors_before_work(tmp_path, capsys):
     assert "nope.model does not exist" in capsys.readouterr().err
 
 
-def _peak_rss_mib(args):
+_REPORT_PEAK = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_module(sys.argv[0], run_name="__main__") if sys.argv[0] else None
+except SystemExit as e:
+    assert not e.code, e.code
+import cream_jax.convert, jax; jax.numpy.zeros(1)
+# VmHWM: this process image's own peak RSS (ru_maxrss would include pages inherited across fork)
+print([line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")][0])
+"""
+
+
+def _peak_rss_mib(module, *args):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    child = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(child.pid, 0)  # the child's own peak RSS
-    child.returncode = os.waitstatus_to_exitcode(status)
-    assert child.returncode == 0, args
-    return usage.ru_maxrss / 1024
+    out = subprocess.run([sys.executable, "-c", _REPORT_PEAK, module, *args], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return int(out.split()[-1]) / 1024
 
 
 def test_conversion_streams_instead_of_copying(tmp_path):
@@ -52,12 +63,12 @@ def test_conversion_streams_instead_of_copying(tmp_path):
     random_hf_llama(tmp_path / "hf", std=0.02, vocab_size=32000, hidden_size=1024, intermediate_size=2816,
                     num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8)
     model_mib = os.path.getsize(tmp_path / "hf" / "model.safetensors") / 2**20
-    baseline = _peak_rss_mib(["-c", "import cream_jax, jax; jax.numpy.zeros(1)"])
-    to_orbax = _peak_rss_mib(["-m", "cream_jax.convert", "hf-to-orbax", "--hf", str(tmp_path / "hf"),
-                              "--out", str(tmp_path / "ckpt")]) - baseline
-    to_hf = _peak_rss_mib(["-m", "cream_jax.convert", "orbax-to-hf", "--ckpt", str(tmp_path / "ckpt"),
-                           "--out", str(tmp_path / "out"), "--max-shard-size", "200MB"]) - baseline
-    print(f"\nmodel {model_mib:.0f} MiB; peak above baseline: hf-to-orbax {to_orbax:.0f} MiB, "
+    baseline = _peak_rss_mib("")  # the interpreter with jax and cream_jax's imports
+    to_orbax = _peak_rss_mib("cream_jax.convert", "hf-to-orbax", "--hf", str(tmp_path / "hf"),
+                             "--out", str(tmp_path / "ckpt")) - baseline
+    to_hf = _peak_rss_mib("cream_jax.convert", "orbax-to-hf", "--ckpt", str(tmp_path / "ckpt"),
+                          "--out", str(tmp_path / "out"), "--max-shard-size", "100MB") - baseline
+    print(f"\nbaseline {baseline:.0f} MiB, model {model_mib:.0f} MiB; peak above baseline: hf-to-orbax {to_orbax:.0f} MiB, "
           f"orbax-to-hf {to_hf:.0f} MiB")
     assert to_orbax < 1.75 * model_mib and to_hf < 1.75 * model_mib
     a, b = read_all(tmp_path / "hf"), read_all(tmp_path / "out")
