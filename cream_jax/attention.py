@@ -95,20 +95,20 @@ def _flash_forward(q, k, v, q_seg, kv_seg):
         B, N, G, c, K = q_i.shape
 
         def step(j, carry):
-            o, m, l = carry
+            o, m, row_sum = carry
             s, mask = _block_probs(q_i, k[j], q_seg[i], kv_seg[j], i, j)
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
             correction = jnp.exp(m - m_new)
-            l = l * correction + p.sum(-1)
+            row_sum = row_sum * correction + p.sum(-1)
             pv = jnp.einsum("bngqs,bnsk->bngqk", p.astype(v.dtype), v[j], preferred_element_type=jnp.float32)
-            return o * correction[..., None] + pv, m_new, l
+            return o * correction[..., None] + pv, m_new, row_sum
 
         init = (jnp.zeros((B, N, G, c, K), jnp.float32), jnp.full((B, N, G, c), _MASKED, jnp.float32),
                 jnp.zeros((B, N, G, c), jnp.float32))
-        o, m, l = jax.lax.fori_loop(0, i + 1, step, init)  # causal: key blocks 0..i only
-        l = jnp.where(l == 0, 1.0, l)
-        return (o / l[..., None]).astype(q.dtype), m + jnp.log(l)
+        o, m, row_sum = jax.lax.fori_loop(0, i + 1, step, init)  # causal: key blocks 0..i only
+        row_sum = jnp.where(row_sum == 0, 1.0, row_sum)  # padding rows: no key at all
+        return (o / row_sum[..., None]).astype(q.dtype), m + jnp.log(row_sum)
 
     return jax.lax.map(one_query_block, jnp.arange(q.shape[0]))
 

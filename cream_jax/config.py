@@ -7,7 +7,6 @@ Field names follow Hugging Face's `LlamaConfig` where one exists, so that
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3")
@@ -141,13 +140,16 @@ class LlamaConfig:
         self.eabf.validate(self.num_hidden_layers)
 
     def replace(self, **overrides: Any) -> "LlamaConfig":
-        """Copy with overrides; `rope`/`eabf` accept dicts of their fields (merged)."""
-        for sub in ("rope", "eabf"):
-            if isinstance(overrides.get(sub), dict):
-                overrides[sub] = dataclasses.replace(getattr(self, sub), **overrides[sub])
+        """Copy with overrides (validated); `rope`/`eabf` also accept dicts of their fields, merged in."""
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ConfigError(f"Unknown LlamaConfig field(s) {sorted(unknown)}.")
+        for sub in ("rope", "eabf"):
+            if isinstance(overrides.get(sub), dict):
+                try:
+                    overrides[sub] = dataclasses.replace(getattr(self, sub), **overrides[sub])
+                except TypeError as e:
+                    raise ConfigError(f"Bad {sub} override {overrides[sub]}: {e}") from None
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,11 +163,11 @@ class LlamaConfig:
         return v * d * (1 if self.tie_word_embeddings else 2) + n * per_layer + d
 
 
-PRESETS: dict[str, LlamaConfig] = {}
+PRESETS: dict[str, dict[str, Any]] = {}
 
 
-def _preset(name: str, **kw: Any) -> None:
-    PRESETS[name] = kw  # type: ignore[assignment]  # built lazily by `preset`
+def _preset(name: str, **fields: Any) -> None:
+    PRESETS[name] = fields
 
 
 _preset("llama2-7b", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -188,13 +190,4 @@ def preset(name: str, **overrides: Any) -> LlamaConfig:
     """A named configuration (`llama2-7b`, `llama2-13b`, `llama3-8b`, `tiny`, `tiny-gqa`, `debug`)."""
     if name not in PRESETS:
         raise ConfigError(f"Unknown model preset {name!r}; choose one of {sorted(PRESETS)}.")
-    base = dict(PRESETS[name])  # type: ignore[arg-type]
-    for sub, cls in (("rope", RopeConfig), ("eabf", EabfConfig)):
-        if isinstance(overrides.get(sub), dict):
-            overrides[sub] = dataclasses.replace(base.get(sub, cls()), **overrides[sub])
-    base.update(overrides)
-    try:
-        return LlamaConfig(**base)
-    except TypeError as e:
-        raise ConfigError(f"Bad override for preset {name!r}: {e}") from None
-
+    return LlamaConfig(**PRESETS[name]).replace(**overrides)

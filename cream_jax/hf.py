@@ -16,16 +16,15 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from cream_jax import model as model_lib
-from cream_jax.config import ConfigError, EabfConfig, LlamaConfig, RopeConfig
+from cream_jax.config import EabfConfig, LlamaConfig, RopeConfig
 from cream_jax.rope import ntk_theta
 
 SINGLE_FILE = "model.safetensors"
@@ -88,13 +87,7 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         initializer_range=hf.get("initializer_range", 0.02), rope=rope, eabf=eabf,
     )
-    for sub in ("rope", "eabf"):  # dict overrides merge into the imported sub-config
-        if isinstance(overrides.get(sub), dict):
-            overrides[sub] = dataclasses.replace(fields[sub], **overrides[sub])
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(LlamaConfig)}
-    if unknown:
-        raise ConfigError(f"Unknown LlamaConfig override(s) {sorted(unknown)}.")
-    return LlamaConfig(**{**fields, **overrides})
+    return LlamaConfig(**fields).replace(**overrides)
 
 
 def config_to_hf(cfg: LlamaConfig, torch_dtype: str = "float32") -> dict[str, Any]:
@@ -295,15 +288,8 @@ def load_hf(path: str | os.PathLike, progress: bool = True, **config_overrides: 
             host = from_hf_layout(path_, files.get(name), shape).astype(dtype)
         values[path_] = jnp.asarray(host)
         del host
-    _set_params(state, values)
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(values))
     return nnx.merge(graphdef, state)
-
-
-def _set_params(state, values: dict[tuple[str, ...], jax.Array]) -> None:
-    for path, leaf in nnx.to_flat_state(state):
-        key = tuple(str(k) for k in path)
-        if key in values:
-            leaf.set_value(values[key]) if hasattr(leaf, "set_value") else setattr(leaf, "value", values[key])
 
 
 # ----------------------------------------------------------------------------- writing

@@ -7,6 +7,7 @@ here: XLA's CPU compiler reports 0 temporaries for large buffers.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable
 
 import jax
@@ -28,6 +29,8 @@ def topology_devices(name: str) -> list[Any]:
     except ImportError as e:  # pragma: no cover
         raise RuntimeError("jax.experimental.topologies is unavailable in this jax version.") from e
     raw = TOPOLOGIES.get(name, name)
+    # Compile-only use touches no TPU, so several processes may load libtpu at once (else its lockfile aborts).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         return list(topologies.get_topology_desc(raw, "tpu").devices)
     except Exception as e:

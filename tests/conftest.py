@@ -7,7 +7,6 @@ os.environ["XLA_FLAGS"] = " ".join(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu (for AOT compiles) is installed; never probe for a TPU
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import jax  # noqa: E402
 import pytest  # noqa: E402
 
 

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from cream_jax import checkpoint, convert
 from helpers import random_hf_llama
@@ -68,8 +67,8 @@ def test_conversion_streams_instead_of_copying(tmp_path):
                              "--out", str(tmp_path / "ckpt")) - baseline
     to_hf = _peak_rss_mib("cream_jax.convert", "orbax-to-hf", "--ckpt", str(tmp_path / "ckpt"),
                           "--out", str(tmp_path / "out"), "--max-shard-size", "100MB") - baseline
-    print(f"\nbaseline {baseline:.0f} MiB, model {model_mib:.0f} MiB; peak above baseline: hf-to-orbax {to_orbax:.0f} MiB, "
-          f"orbax-to-hf {to_hf:.0f} MiB")
+    print(f"\nbaseline {baseline:.0f} MiB, model {model_mib:.0f} MiB; peak above baseline: "
+          f"hf-to-orbax {to_orbax:.0f} MiB, orbax-to-hf {to_hf:.0f} MiB")
     assert to_orbax < 1.75 * model_mib and to_hf < 1.75 * model_mib
     a, b = read_all(tmp_path / "hf"), read_all(tmp_path / "out")
     assert all(np.array_equal(a[k], b[k]) for k in a)

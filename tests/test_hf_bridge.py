@@ -63,18 +63,31 @@ def test_round_trip_bit_identical(tmp_path, case, shard_bytes):
     assert cream_jax.hf.read_config(tmp_path / "out") == cream_jax.hf.read_config(tmp_path / "hf")
 
 
-def test_transformers_loads_the_export(tmp_path, torch_and_transformers):
+EXPORT_ROPES = {
+    "default": {"theta": 500000.0},
+    "linear": {"type": "linear", "factor": 4.0},
+    "ntk": {"type": "ntk", "factor": 4.0},
+    "dynamic": {"type": "dynamic", "factor": 2.0},
+    "yarn": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    "llama3": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16},
+}
+
+
+@pytest.mark.parametrize("rope", sorted(EXPORT_ROPES))
+def test_transformers_loads_the_export(tmp_path, torch_and_transformers, rope):
+    """No custom code needed: AutoModelForCausalLM reproduces our logits from the export alone."""
     torch, transformers = torch_and_transformers
-    cfg = cream_jax.preset("debug", rope={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
-                           max_position_embeddings=256)
+    cfg = cream_jax.preset("debug", rope=EXPORT_ROPES[rope], max_position_embeddings=256)
     ours = cream_jax.init(cfg, seed=3)
     cream_jax.save_hf(ours, tmp_path, progress=False)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
-    assert hf.config.max_position_embeddings == 256
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.max_position_embeddings == 256
     tokens = np.random.default_rng(0).integers(0, 128, (1, 40))
+    positions = np.arange(0, 400, 10)[None]  # past max_position_embeddings: dynamic's base grows
     with torch.no_grad():
-        ref = hf(torch.from_numpy(tokens)).logits.numpy()
-    got = np.asarray(ours(tokens))
+        ref = hf(torch.from_numpy(tokens), position_ids=torch.from_numpy(positions)).logits.numpy()
+    got = np.asarray(ours(tokens, position_ids=positions))
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
 
 
@@ -168,7 +181,8 @@ def test_shape_mismatch_is_named(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["intermediate_size"] = 96
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(HFFormatError, match=r"model.layers.0.mlp.down_proj.weight has shape \[64, 128\].*implies \[64, 96\]"):
+    expected = r"model.layers.0.mlp.down_proj.weight has shape \[64, 128\].*implies \[64, 96\]"
+    with pytest.raises(HFFormatError, match=expected):
         cream_jax.load_hf(tmp_path)
 
 
