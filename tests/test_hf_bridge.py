@@ -201,7 +201,7 @@ def test_bad_override_is_named(tmp_path):
     random_hf_llama(tmp_path)
     with pytest.raises(cream_jax.ConfigError, match="attention='flash'"):
         cream_jax.load_hf(tmp_path, attention="flash")
-    with pytest.raises(cream_jax.ConfigError, match="Unknown LlamaConfig override"):
+    with pytest.raises(cream_jax.ConfigError, match=r"Unknown LlamaConfig field\(s\) \[.num_layers.\]"):
         cream_jax.load_hf(tmp_path, num_layers=3)
 
 
