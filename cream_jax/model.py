@@ -181,5 +181,8 @@ def init(config: LlamaConfig, seed: int = 0) -> Llama:
 
 
 def abstract(config: LlamaConfig) -> Llama:
-    """The model's structure with shapes and dtypes only (no memory allocated)."""
-    return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    """The model's structure with shapes and dtypes only (no memory allocated). Shardings come from
+    `cream_jax.sharding` (logical names -> mesh axes), so flax must not read the logical names as mesh
+    axes of an active mesh: evaluate with none."""
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))

@@ -1,0 +1,155 @@
+"""The train config schema: every field with its default, and validation before any compile.
+
+Recipes in `configs/` start from `base()` and change what they need; the CLI
+overrides any field (`--config.train.lr=1e-4`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from cream_jax import positions
+from cream_jax.config import ConfigError, LlamaConfig, preset
+from cream_jax.sharding import MESH_AXES
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # model.preset names an architecture (cream_jax.config.PRESETS); every other model.* field overrides
+    # a LlamaConfig field (rope and eabf as sub-dicts). model.init_from: '' (random), an HF directory,
+    # or a params checkpoint (from `python -m cream_jax.convert hf-to-orbax`).
+    c.model = ml_collections.ConfigDict({"preset": "tiny", "init_from": ""})
+
+    c.positions = ml_collections.ConfigDict({
+        "method": "cream",  # cream | pose | randpos | plain | full
+        "gaussian": "truncated",
+        "sigma": 3.0,
+        "sigma_scale": "absolute",
+        "p_continuity": 0.5,
+        "k": 0,  # continuity head/tail length; 0 = 4 * f
+        "content": "contiguous",
+    })
+
+    c.train = ml_collections.ConfigDict({
+        "steps": 100,
+        "global_batch": 8,
+        "window": 128,  # N: the sequence length actually trained
+        "target_length": 512,  # L: the context length the positions reach
+        "grad_accum": 1,
+        "lr": 3e-4,
+        "warmup_steps": 10,
+        "decay": "cosine",  # cosine | linear | constant
+        "min_lr_ratio": 0.1,
+        "b1": 0.9,
+        "b2": 0.95,
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "clip": 1.0,
+        "log_every": 10,
+        "peak_flops_per_device": 0.0,  # 0: look up the device kind (unknown devices report no MFU)
+    })
+
+    c.data = ml_collections.ConfigDict({
+        "source": "synthetic_markov",  # until the data pipeline lands: a synthetic Markov-chain source
+        "branching": 4,
+    })
+
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.checkpoint = ml_collections.ConfigDict({"every": 0, "keep": 3})
+    return c
+
+
+POSITION_OPTIONS = ("gaussian", "sigma", "sigma_scale", "p_continuity", "k", "content")
+
+
+def position_options(c: ml_collections.ConfigDict) -> dict:
+    """The sampler keyword options of the config (CREAM's only for CREAM)."""
+    if c.positions.method != "cream":
+        return {"content": c.positions.content} if c.positions.method == "pose" else {}
+    opts = {k: c.positions[k] for k in POSITION_OPTIONS}
+    opts["k"] = opts["k"] or None
+    return opts
+
+
+def model_config(c: ml_collections.ConfigDict, base_config: LlamaConfig | None = None) -> LlamaConfig:
+    """LlamaConfig from `model.*` (on top of `base_config`, e.g. an HF directory's, when given)."""
+    fields = {k: (v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v)
+              for k, v in c.model.items() if k not in ("preset", "init_from")}
+    if base_config is not None:
+        return base_config.replace(**fields)
+    return preset(c.model.preset, **fields)
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> LlamaConfig:
+    """Check the whole config before anything is compiled; returns the model config."""
+    t = c.train
+    unknown_mesh = set(c.mesh.keys()) - set(MESH_AXES)
+    if unknown_mesh:
+        raise ConfigError(f"mesh.{sorted(unknown_mesh)[0]} is not a mesh axis; use mesh.data, mesh.fsdp, mesh.tensor.")
+    if c.positions.method not in positions.METHODS:
+        raise ConfigError(f"positions.method={c.positions.method!r} is not one of {positions.METHODS}.")
+    for name in ("steps", "global_batch", "window", "target_length", "grad_accum"):
+        if t[name] <= 0:
+            raise ConfigError(f"train.{name}={t[name]} must be positive.")
+    if t.window > t.target_length:
+        raise ConfigError(f"train.window={t.window} exceeds train.target_length={t.target_length}.")
+    if c.positions.method == "full" and t.window != t.target_length:
+        raise ConfigError(f"positions.method='full' trains at the target length: set train.window = "
+                          f"train.target_length (now {t.window} vs {t.target_length}).")
+    if c.positions.method == "cream" and t.target_length % t.window:
+        raise ConfigError(f"CREAM needs an integer extension factor: train.target_length={t.target_length} is not a "
+                          f"multiple of train.window={t.window}.")
+    try:  # the sampler's own option checks, without drawing
+        positions.validate(c.positions.method, window=t.window, target=t.target_length, **position_options(c))
+    except ValueError as e:
+        raise ConfigError(f"positions: {e}") from None
+    if t.global_batch % t.grad_accum:
+        raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by train.grad_accum={t.grad_accum}.")
+    if t.decay not in ("cosine", "linear", "constant"):
+        raise ConfigError(f"train.decay={t.decay!r} is not one of ('cosine', 'linear', 'constant').")
+    if t.warmup_steps < 0 or t.warmup_steps > t.steps:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps}].")
+    if c.data.source != "synthetic_markov":
+        raise ConfigError(f"data.source={c.data.source!r}: only 'synthetic_markov' exists until the data pipeline "
+                          f"lands.")
+    cfg = model_config(c) if not c.model.init_from else None
+    if num_devices is not None:
+        from cream_jax.sharding import MeshError, mesh_shape
+
+        try:
+            data, fsdp, tensor = mesh_shape(dict(c.mesh), num_devices)
+        except MeshError as e:
+            raise ConfigError(str(e)) from None
+        micro = t.global_batch // t.grad_accum
+        if micro % (data * fsdp):
+            raise ConfigError(f"the microbatch train.global_batch / train.grad_accum = {micro} is not divisible by "
+                              f"mesh.data * mesh.fsdp = {data * fsdp}; change train.global_batch or the mesh.")
+        if cfg is not None:
+            check_model_fits_mesh(cfg, c, num_devices)
+    return cfg
+
+
+def check_model_fits_mesh(cfg: LlamaConfig, c: ml_collections.ConfigDict, num_devices: int) -> None:
+    from cream_jax.sharding import mesh_shape
+
+    tensor = mesh_shape(dict(c.mesh), num_devices)[MESH_AXES.index("tensor")]
+    for name in ("num_attention_heads", "num_key_value_heads"):
+        if getattr(cfg, name) % tensor:
+            raise ConfigError(f"model {name}={getattr(cfg, name)} is not divisible by mesh.tensor={tensor}; "
+                              f"shard heads over a divisor of it.")
+
+
+def load_config(path, **kwargs) -> ml_collections.ConfigDict:
+    """`get_config(**kwargs)` of a recipe file, loaded by path (as the CLI's --config does)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist.")
+    spec = importlib.util.spec_from_file_location(f"cream_jax_recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(**kwargs)

@@ -1,0 +1,197 @@
+"""The train step: recipes, sharded equivalence, gradient accumulation, learning, bad configs, the CLI."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cream_jax import sharding, train
+from cream_jax.model import Llama
+from cream_jax import train_config as tc
+from cream_jax.synthetic import MarkovSource
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "configs").glob("*.py"))
+
+
+def tiny(**train_overrides):
+    c = tc.load_config(ROOT / "configs" / "tiny_cream.py")
+    c.train.update(train_overrides)
+    return c
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_loads_and_validates(recipe):
+    c = tc.load_config(recipe)
+    cfg = tc.validate(c, num_devices=8)
+    mesh = sharding.make_mesh(dict(c.mesh))
+    tx, _ = train.make_optimizer(c.train)
+    shapes, specs = train.state_specs(cfg, tx, mesh)  # divisibility and no large replicated parameter
+    assert jax.tree.structure(shapes["opt_state"]) == jax.tree.structure(
+        specs["opt_state"], is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def test_recipes_match_the_papers():
+    c = tc.load_config(ROOT / "configs" / "llama2_7b_cream_32k.py")
+    assert (c.model.rope.type, c.model.rope.factor, c.train.window, c.train.target_length) == ("linear", 8.0, 4096,
+                                                                                             32768)
+    assert (c.train.steps, c.train.global_batch, c.train.lr, c.train.warmup_steps, c.train.clip) == (
+        1000, 32, 2e-5, 10, 1.0)
+    assert tc.load_config(ROOT / "configs" / "llama2_7b_cream_256k.py").train.target_length == 4096 * 64
+    e = tc.load_config(ROOT / "configs" / "llama2_7b_eabf_16k.py")
+    assert e.model.rope.theta == 500000.0 and tuple(e.model.eabf.skip_layers) == (0, 1)
+    assert (e.train.b1, e.train.b2, e.train.weight_decay, e.train.decay) == (0.9, 0.95, 0.1, "cosine")
+    assert e.positions.method == "full" and e.train.window == 16384
+
+
+def one_step(c, mesh_sizes, devices=None, steps=1):
+    """Run `steps` train steps on a mesh; returns (losses, host params)."""
+    c.mesh.update(mesh_sizes)
+    cfg = tc.model_config(c)
+    mesh = sharding.make_mesh(dict(c.mesh), devices)
+    tx, schedule = train.make_optimizer(c.train)
+    setup = train.Setup.from_config(c, cfg)
+    source = MarkovSource(cfg.vocab_size, 4, seed=0)
+    losses = []
+    with jax.set_mesh(mesh):
+        state, shardings = train.init_state(cfg, tx, mesh, seed=0)
+        step_fn = train.jit_train_step(setup, tx, schedule, shardings, mesh)
+        bs = train.batch_sharding(mesh)
+        for step in range(steps):
+            tokens = source.rows(step, slice(0, c.train.global_batch), c.train.window)
+            batch = {"tokens": jax.device_put(tokens, bs), "weights": jax.device_put(np.ones_like(tokens), bs)}
+            state, metrics = step_fn(state, batch, jnp.asarray(step, jnp.int32))
+            losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state["params"])
+
+
+def assert_params_close(a, b, tol=2e-5):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=tol, atol=tol)
+
+
+def test_sharded_step_equals_single_device():
+    ref_loss, ref_params = one_step(tiny(), {"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1], steps=2)
+    for sizes in ({"data": 2, "fsdp": 2, "tensor": 2}, {"data": 1, "fsdp": 8, "tensor": 1}):
+        loss, params = one_step(tiny(), sizes, steps=2)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        assert_params_close(params, ref_params)
+
+
+def test_gradient_accumulation_4x2_equals_1x8():
+    ref_loss, ref_params = one_step(tiny(grad_accum=1), {"data": 2, "fsdp": 1, "tensor": 1},
+                                    devices=jax.devices()[:2])
+    loss, params = one_step(tiny(grad_accum=4), {"data": 2, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:2])
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    assert_params_close(params, ref_params)
+
+
+def test_cream_training_learns_the_source(tmp_path):
+    """A few hundred CREAM steps on the synthetic Markov source: loss far below the unigram entropy."""
+    c = tiny(steps=300, log_every=50)
+    history = train.run(c, tmp_path)
+    source = MarkovSource(c.model.vocab_size, c.data.branching, seed=c.seed)
+    unigram, rate = source.unigram_entropy(), source.conditional_entropy()
+    final = history[-1]["loss"]
+    print(f"\nCREAM training: loss {history[0]['loss']:.3f} -> {final:.3f} nats; source unigram entropy "
+          f"{unigram:.3f}, entropy rate {rate:.3f}")
+    assert final < unigram - 2.0 and final < rate + 0.5
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [50, 100, 150, 200, 250, 300]
+    assert {"loss", "grad_norm", "lr", "tokens_per_s", "param_norm"} <= set(lines[0])
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("train.target_length", 500, "train.target_length=500 is not a multiple of train.window=128"),
+    ("train.global_batch", 6, "not divisible by mesh.data \\* mesh.fsdp = 8"),
+    ("positions.method", "yarnpos", "positions.method='yarnpos' is not one of"),
+    ("train.grad_accum", 3, "train.global_batch=8 is not divisible by train.grad_accum=3"),
+])
+def test_bad_configs_fail_before_compiling(tmp_path, field, value, message):
+    c = tiny()
+    section, name = field.split(".")
+    c[section][name] = value
+    with pytest.raises(tc.ConfigError, match=message):
+        train.run(c, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_mesh_axis_and_heads_vs_tensor(tmp_path):
+    c = tiny()
+    with c.mesh.unlocked():
+        c.mesh.expert = 2
+    with pytest.raises(tc.ConfigError, match="mesh.expert is not a mesh axis"):
+        train.run(c, tmp_path)
+    c = tiny()
+    c.mesh.update({"data": 1, "fsdp": 2, "tensor": 4})
+    with pytest.raises(tc.ConfigError, match="num_key_value_heads=2 is not divisible by mesh.tensor=4"):
+        train.run(c, tmp_path)
+
+
+def test_large_replicated_parameter_is_refused():
+    cfg = tc.model_config(tiny())
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+    shapes, specs = train.state_specs(cfg, train.make_optimizer(tiny().train)[0], mesh)
+    specs = jax.tree.map(lambda s: jax.sharding.PartitionSpec(), specs["params"],
+                         is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    with pytest.raises(sharding.MeshError, match="would be replicated on every device"):
+        sharding.check_not_replicated(shapes["params"], specs, mesh, min_size=1000)
+
+
+def test_flops_per_token_matches_the_compiler():
+    """Our causal-aware count vs XLA's count of the unrolled dot_product gradient (which computes the full
+    S x S attention, so its attention term is twice ours)."""
+    c = tiny()
+    cfg = tc.model_config(c).replace(scan_layers=False)
+    S, B = 128, 2
+    params = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(Llama(cfg, rngs=nnx.Rngs(0)), nnx.Param)))
+    tokens = jax.ShapeDtypeStruct((B, S), jnp.int32)
+    weights = jax.ShapeDtypeStruct((B, S), jnp.float32)
+    grad = jax.grad(lambda p, t, w: train.loss_sums(cfg, p, t, w, jnp.broadcast_to(jnp.arange(S), (B, S)))[0])
+    compiled = jax.jit(grad).lower(params, tokens, weights).compile().cost_analysis()
+    q = cfg.num_attention_heads * cfg.head_dim
+    full_attention_extra = 3 * cfg.num_hidden_layers * 2 * 2 * S * q * 0.5  # the masked half XLA also computes
+    ours = (train.flops_per_token(cfg, S) + full_attention_extra) * B * S
+    assert abs(compiled["flops"] - ours) / ours < 0.1, (compiled["flops"], ours)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _cli(workdir, *extra, env_devices=8, process=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={env_devices}")
+    args = [sys.executable, "-m", "cream_jax.train", f"--config={ROOT / 'configs' / 'tiny_cream.py'}",
+            f"--workdir={workdir}", "--config.train.steps=3", "--config.train.warmup_steps=1",
+            "--config.train.log_every=1",
+            "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", *extra]
+    return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_processes_match_one(tmp_path):
+    """jax.distributed on localhost, gloo collectives, 4 devices per process vs one process with 8."""
+    single = _cli(tmp_path / "single")
+    out, _ = single.communicate(timeout=300)
+    assert single.returncode == 0, out[-3000:]
+    port = _free_port()
+    procs = [_cli(tmp_path / "multi", f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                  f"--process_id={i}", env_devices=4) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    a = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        for key in ("loss", "param_norm", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5), key
