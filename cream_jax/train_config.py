@@ -73,13 +73,22 @@ def position_options(c: ml_collections.ConfigDict) -> dict:
     return opts
 
 
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "head_dim", "tie_word_embeddings")
+
+
 def model_config(c: ml_collections.ConfigDict, base_config: LlamaConfig | None = None) -> LlamaConfig:
-    """LlamaConfig from `model.*` (on top of `base_config`, e.g. an HF directory's, when given)."""
+    """LlamaConfig from `model.*`, or, with `base_config` (the one in model.init_from), that config with the
+    run-time fields of `model.*` applied (RoPE, EABF, dtypes, remat, attention, max_position_embeddings)."""
     fields = {k: (v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v)
               for k, v in c.model.items() if k not in ("preset", "init_from")}
-    if base_config is not None:
-        return base_config.replace(**fields)
-    return preset(c.model.preset, **fields)
+    if base_config is None:
+        return preset(c.model.preset, **fields)
+    for name in ARCHITECTURE_FIELDS:
+        if name in fields and fields.pop(name) != getattr(base_config, name):
+            raise ConfigError(f"model.{name}={c.model[name]} differs from {getattr(base_config, name)} in "
+                              f"model.init_from={c.model.init_from!r}; remove the override.")
+    return base_config.replace(**fields)
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> LlamaConfig:

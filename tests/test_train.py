@@ -195,3 +195,27 @@ def test_two_processes_match_one(tmp_path):
     for x, y in zip(a, b):
         for key in ("loss", "param_norm", "grad_norm"):
             assert x[key] == pytest.approx(y[key], rel=1e-5), key
+
+
+@pytest.mark.parametrize("kind", ["hf", "params"])
+def test_initial_weights_from_hf_or_params_checkpoint(tmp_path, kind):
+    """model.init_from loads exactly the saved parameters, keeps the recipe's run-time fields, refuses an
+    architecture override, and a run starts from it."""
+    from cream_jax import checkpoint, hf
+
+    source = train.model_lib.init(tc.model_config(tiny()), seed=7)
+    if kind == "hf":
+        hf.save_hf(source, tmp_path / "init", progress=False)
+    else:
+        checkpoint.save_params(source, tmp_path / "init")
+    c = tiny(steps=1, warmup_steps=0, lr=0.0)
+    c.model.init_from = str(tmp_path / "init")
+    cfg, params, origin = train.initial_params(c)
+    assert kind.replace("hf", "Hugging Face").replace("params", "params checkpoint") in origin
+    expected = nnx.to_pure_dict(nnx.state(source, nnx.Param))
+    assert_params_close(params, jax.device_get(expected), tol=0)
+    assert cfg.rope.factor == 4.0
+    assert len(train.run(c, tmp_path / "run")) == 1
+    c.model.hidden_size = 96
+    with pytest.raises(tc.ConfigError, match="model.hidden_size=96 differs from 64"):
+        train.initial_params(c)
