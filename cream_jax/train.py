@@ -111,12 +111,11 @@ def _split_micro(x, accum: int):
 
 def make_train_step(setup: Setup, tx: optax.GradientTransformation, schedule: optax.Schedule):
     cfg = setup.model
-    base_key = jax.random.key(setup.seed)
 
     def train_step(state, batch, step):
         params = state["params"]
         pos_BxN, index_BxN = positions.sample(
-            jax.random.fold_in(base_key, step), setup.method, window=setup.window, target=setup.target,
+            jax.random.fold_in(jax.random.key(setup.seed), step), setup.method, window=setup.window, target=setup.target,
             batch=setup.global_batch, **setup.position_options)
         tokens = jnp.take_along_axis(batch["tokens"], index_BxN, axis=1)
         weights = jnp.take_along_axis(batch["weights"], index_BxN, axis=1).astype(jnp.float32)
