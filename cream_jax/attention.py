@@ -16,11 +16,43 @@ the model multiplies q by its scale before calling.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 
 import jax
 import jax.numpy as jnp
 
 _MASKED = -1e30  # finite, so a fully masked (padding) row gives zeros, not NaN
+
+# XLA's cost analysis counts a while loop's body once, so the planner compiles a copy of the step with
+# the block loops unrolled in Python (same arithmetic, one HLO op per block pair) to read its FLOPs.
+_UNROLL_BLOCK_LOOPS = contextvars.ContextVar("unroll_block_loops", default=False)
+
+
+@contextlib.contextmanager
+def unrolled_block_loops():
+    """Trace `blockwise` attention with Python loops over blocks (for exact compiler cost figures)."""
+    token = _UNROLL_BLOCK_LOOPS.set(True)
+    try:
+        yield
+    finally:
+        _UNROLL_BLOCK_LOOPS.reset(token)
+
+
+def _map(fn, n: int):
+    """`jax.lax.map(fn, arange(n))`, or a Python loop under `unrolled_block_loops`."""
+    if _UNROLL_BLOCK_LOOPS.get():
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *[fn(i) for i in range(n)])
+    return jax.lax.map(fn, jnp.arange(n))
+
+
+def _fori(lower, upper, body, init):
+    """`jax.lax.fori_loop`; the bounds are Python ints under `unrolled_block_loops`."""
+    if _UNROLL_BLOCK_LOOPS.get():
+        for j in range(lower, upper):
+            init = body(j, init)
+        return init
+    return jax.lax.fori_loop(lower, upper, body, init)
 
 
 def attend(q, k, v, segment_ids=None, *, backend: str = "dot_product", block_size: int = 512):
@@ -106,11 +138,11 @@ def _flash_forward(q, k, v, q_seg, kv_seg):
 
         init = (jnp.zeros((B, N, G, c, K), jnp.float32), jnp.full((B, N, G, c), _MASKED, jnp.float32),
                 jnp.zeros((B, N, G, c), jnp.float32))
-        o, m, row_sum = jax.lax.fori_loop(0, i + 1, step, init)  # causal: key blocks 0..i only
+        o, m, row_sum = _fori(0, i + 1, step, init)  # causal: key blocks 0..i only
         row_sum = jnp.where(row_sum == 0, 1.0, row_sum)  # padding rows: no key at all
         return (o / row_sum[..., None]).astype(q.dtype), m + jnp.log(row_sum)
 
-    return jax.lax.map(one_query_block, jnp.arange(q.shape[0]))
+    return _map(one_query_block, q.shape[0])
 
 
 @jax.custom_vjp
@@ -138,7 +170,7 @@ def _flash_bwd(residuals, d_out):
             _, ds = dp_ds(i, j)
             return dq + jnp.einsum("bngqs,bnsk->bngqk", ds, k[j], preferred_element_type=jnp.float32)
 
-        return jax.lax.fori_loop(0, i + 1, step, jnp.zeros(q.shape[1:], jnp.float32)).astype(q.dtype)
+        return _fori(0, i + 1, step, jnp.zeros(q.shape[1:], jnp.float32)).astype(q.dtype)
 
     def dkv_block(j):
         def step(i, carry):
@@ -149,11 +181,11 @@ def _flash_bwd(residuals, d_out):
             return dk, dv
 
         zeros = jnp.zeros(k.shape[1:], jnp.float32)
-        dk, dv = jax.lax.fori_loop(j, nb, step, (zeros, zeros))  # causal: query blocks j..nb-1
+        dk, dv = _fori(j, nb, step, (zeros, zeros))  # causal: query blocks j..nb-1
         return dk.astype(k.dtype), dv.astype(v.dtype)
 
-    dq = jax.lax.map(dq_block, jnp.arange(nb))
-    dk, dv = jax.lax.map(dkv_block, jnp.arange(nb))
+    dq = _map(dq_block, nb)
+    dk, dv = _map(dkv_block, nb)
     return dq, dk, dv, None, None
 
 

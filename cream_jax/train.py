@@ -114,9 +114,9 @@ def make_train_step(setup: Setup, tx: optax.GradientTransformation, schedule: op
 
     def train_step(state, batch, step):
         params = state["params"]
-        pos_BxN, index_BxN = positions.sample(
-            jax.random.fold_in(jax.random.key(setup.seed), step), setup.method, window=setup.window, target=setup.target,
-            batch=setup.global_batch, **setup.position_options)
+        key = positions.fold_step(jax.random.key(setup.seed), step)
+        pos_BxN, index_BxN = positions.sample(key, setup.method, window=setup.window, target=setup.target,
+                                              batch=setup.global_batch, **setup.position_options)
         tokens = jnp.take_along_axis(batch["tokens"], index_BxN, axis=1)
         weights = jnp.take_along_axis(batch["weights"], index_BxN, axis=1).astype(jnp.float32)
         micro = {"tokens": tokens, "weights": weights, "positions": pos_BxN}

@@ -92,3 +92,18 @@ def test_blockwise_gradient_memory_is_linear_in_length():
     assert growth_exponent(lengths, blockwise) < 1.2
     assert growth_exponent(lengths, dense) > 1.8
     assert blockwise[2] * 8 < dense[2]  # at 8K the dense gradient needs far more
+
+
+def test_unrolled_block_loops_compute_the_same():
+    from cream_jax.attention import unrolled_block_loops
+
+    q, k, v = qkv(3, 1, 80, 4, 2, 16)
+    seg = packed_segments(1, 80)
+    loss = lambda q, k, v: jnp.sum(attend(q, k, v, seg, backend="blockwise", block_size=32) ** 2)  # noqa: E731
+    ref = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    with unrolled_block_loops():
+        got = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+        text = jax.jit(jax.grad(loss)).lower(q, k, v).as_text()
+    assert "while" not in text
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6)

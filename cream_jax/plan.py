@@ -1,0 +1,271 @@
+"""Plan a run before renting the TPUs: compile the real train step for a TPU topology on this machine.
+
+    python -m cream_jax.plan --config=configs/llama2_7b_cream_32k.py --topology=v5p-8 --per_device_batch=4 \\
+        [--baseline=configs/llama2_7b_pi_full_32k.py] [--json=plan.json] [--dump_hlo=step.hlo]
+
+The step is `cream_jax.train.jit_train_step`, the function training runs, compiled from abstract shapes
+with their shardings through libtpu (no weights allocated). It reports:
+
+- per-device HBM from the TPU compiler (arguments, temporaries, code; outputs alias the donated state),
+  against the chip's capacity;
+- model FLOPs per step (`train.flops_per_token`: causal attention counted half, remat not counted) and the
+  compiler's FLOPs, whose ratio shows the rematerialisation overhead;
+- the compiler's step-time estimate (`optimal_seconds`), the MFU and tokens/s/chip it implies.
+
+Traps of the compiler's cost analysis, and what is done about them: a while loop's body is counted once,
+so the scanned layers would count as one layer and `blockwise` attention's block loops as one block pair.
+The cost figures therefore come from two extra compiles with 1 and 2 layers, unrolled, with the attention's
+block loops unrolled too (`attention.unrolled_block_loops`): cost = cost(1) + (layers - 1) x (cost(2) -
+cost(1)). Gradient accumulation's microbatch loop is scaled by its trip count. On v4 `optimal_seconds`
+comes out negative: only memory is reported there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cream_jax import attention, sharding, tpu, train
+from cream_jax import train_config as tc
+
+# HBM per chip (GiB) and peak dense bf16 FLOP/s per chip.
+CHIPS = {"v4": (32, 275e12), "v5e": (16, 197e12), "v5p": (95, 459e12), "v6e": (32, 918e12)}
+# Attention blocks for the unrolled cost compile: at most this many per sequence, so it stays quick.
+_MAX_COST_BLOCKS = 16
+
+
+@dataclasses.dataclass
+class Plan:
+    config: str
+    topology: str
+    chips: int
+    method: str
+    window: int
+    target: int
+    global_batch: int
+    per_device_batch: float
+    remat: str
+    attention: str
+    hbm_capacity_gib: float
+    arguments_gib: float
+    temporaries_gib: float
+    code_gib: float
+    total_gib: float
+    fits: bool
+    model_flops_per_step: float
+    compiler_flops_per_step: float | None
+    remat_overhead: float | None
+    step_seconds: float | None
+    mfu: float | None
+    tokens_per_s_per_chip: float | None
+    seconds_per_trained_token_per_chip: float | None
+    compile_seconds: float
+    notes: list[str]
+
+
+def _abstract_inputs(c: ml_collections.ConfigDict, cfg, mesh):
+    tx, schedule = train.make_optimizer(c.train)
+    shapes, specs = train.state_specs(cfg, tx, mesh)
+    shardings = train.named(mesh, specs)
+    state = jax.tree.map(lambda s, n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=n), shapes, shardings)
+    bs = train.batch_sharding(mesh)
+    buffer = c.train.target_length if c.positions.content == "offsets" else c.train.window
+    batch = {k: jax.ShapeDtypeStruct((c.train.global_batch, buffer), jnp.int32, sharding=bs)
+             for k in ("tokens", "weights")}
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
+    setup = train.Setup.from_config(c, cfg)
+    return train.jit_train_step(setup, tx, schedule, shardings, mesh), (state, batch, step)
+
+
+def compile_step(c: ml_collections.ConfigDict, cfg, mesh):
+    fn, args = _abstract_inputs(c, cfg, mesh)
+    with jax.set_mesh(mesh):
+        return fn.trace(*args).lower().compile()
+
+
+def _cost(c, cfg, mesh) -> tuple[float, float]:
+    """(FLOPs, optimal_seconds) per device of one step, loops accounted for (see the module docstring)."""
+    micro = c.copy_and_resolve_references()
+    accum = micro.train.grad_accum
+    micro.train.global_batch //= accum
+    micro.train.grad_accum = 1
+    block = max(cfg.attention_block_size, -(-micro.train.window // _MAX_COST_BLOCKS))
+    figures = []
+    for layers in (1, 2):
+        small = cfg.replace(num_hidden_layers=layers, scan_layers=False, attention_block_size=block,
+                            eabf=dataclasses.replace(cfg.eabf, skip_layers=()))
+        with attention.unrolled_block_loops():
+            cost = compile_step(micro, small, mesh).cost_analysis()
+        figures.append((cost["flops"], cost.get("optimal_seconds", float("nan"))))
+    (f1, t1), (f2, t2) = figures
+    n = cfg.num_hidden_layers
+    return accum * (f1 + (n - 1) * (f2 - f1)), accum * (t1 + (n - 1) * (t2 - t1))
+
+
+def plan(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | None = None,
+         dump_hlo: str | None = None, with_cost: bool = True) -> Plan:
+    devices = tpu.topology_devices(topology)
+    chips = len(devices)
+    c = c.copy_and_resolve_references()
+    if per_device_batch:
+        c.train.global_batch = int(per_device_batch * chips)
+    notes = []
+    cfg = tc.validate(c, num_devices=chips) or tc.model_config(c)
+    if c.model.init_from:
+        notes.append(f"model.init_from={c.model.init_from!r} not read: planning uses the preset's shapes")
+    mesh = sharding.make_mesh(dict(c.mesh), devices)
+    generation = devices[0].device_kind.split()[-1].lower().replace("lite", "e")
+    family = next((k for k in CHIPS if topology.startswith(k)), None) or generation
+    hbm, peak = CHIPS.get(family, (float("nan"), float("nan")))
+
+    t0 = time.perf_counter()
+    compiled = compile_step(c, cfg, mesh)
+    compile_seconds = time.perf_counter() - t0
+    if dump_hlo:
+        Path(dump_hlo).write_text(compiled.as_text())
+    mem = tpu.memory(compiled)
+    gib = 2**30
+    total = mem.arguments + mem.temporaries + mem.code  # outputs alias the donated state
+    model_flops = train.flops_per_token(cfg, c.train.window) * c.train.global_batch * c.train.window / chips
+    flops = seconds = mfu = tps = None
+    if with_cost:
+        flops, seconds = _cost(c, cfg, mesh)
+        if not seconds > 0:
+            notes.append(f"the compiler's optimal_seconds is {seconds:.3g} on {family}: time, MFU and tokens/s "
+                         f"are not reported")
+            seconds = None
+        else:
+            mfu = model_flops / (seconds * peak)
+            tps = c.train.global_batch * c.train.window / chips / seconds
+    notes.append(f"cost from 1- and 2-layer unrolled compiles with attention blocks of "
+                 f"{max(cfg.attention_block_size, -(-c.train.window // _MAX_COST_BLOCKS))}")
+    return Plan(
+        config=str(c.get("name", "")), topology=topology, chips=chips, method=c.positions.method,
+        window=c.train.window, target=c.train.target_length, global_batch=c.train.global_batch,
+        per_device_batch=c.train.global_batch / chips, remat=cfg.remat, attention=cfg.attention,
+        hbm_capacity_gib=hbm, arguments_gib=mem.arguments / gib, temporaries_gib=mem.temporaries / gib,
+        code_gib=mem.code / gib, total_gib=total / gib, fits=total / gib <= hbm,
+        model_flops_per_step=model_flops, compiler_flops_per_step=flops,
+        remat_overhead=None if flops is None else flops / model_flops, step_seconds=seconds, mfu=mfu,
+        tokens_per_s_per_chip=tps, seconds_per_trained_token_per_chip=None if tps is None else 1 / tps,
+        compile_seconds=compile_seconds, notes=notes)
+
+
+def suggest(c: ml_collections.ConfigDict, topology: str, per_device_batch: float) -> tuple[str, float] | None:
+    """The first (remat policy, per-device batch) that fits, trying cheaper recomputation first."""
+    for batch in (per_device_batch, per_device_batch / 2, per_device_batch / 4):
+        if batch < 1 / len(tpu.topology_devices(topology)):
+            break
+        for remat in ("save_proj", "full"):
+            trial = c.copy_and_resolve_references()
+            trial.model.remat = remat
+            try:
+                if plan(trial, topology, batch, with_cost=False).fits:
+                    return remat, batch
+            except (tc.ConfigError, sharding.MeshError):
+                continue
+    return None
+
+
+def _fmt(value: Any, unit: str = "", digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float) and (abs(value) >= 1e6):
+        return f"{value:.3e}{unit}"
+    return f"{value:.{digits}f}{unit}" if isinstance(value, float) else f"{value}{unit}"
+
+
+def table(plans: list[Plan]) -> str:
+    rows = [
+        ("config", "config", ""), ("positions", "method", ""), ("window N / target L", None, ""),
+        ("per-device batch", "per_device_batch", ""), ("remat / attention", None, ""),
+        ("HBM arguments", "arguments_gib", " GiB"), ("HBM temporaries", "temporaries_gib", " GiB"),
+        ("HBM code", "code_gib", " GiB"), ("HBM total", "total_gib", " GiB"),
+        ("HBM capacity", "hbm_capacity_gib", " GiB"), ("fits", "fits", ""),
+        ("model FLOPs / step / chip", "model_flops_per_step", ""),
+        ("compiler FLOPs / step / chip", "compiler_flops_per_step", ""),
+        ("remat overhead (compiler / model)", "remat_overhead", "x"),
+        ("est. step time", "step_seconds", " s"), ("est. MFU", "mfu", ""),
+        ("est. tokens/s/chip", "tokens_per_s_per_chip", ""),
+        ("est. us per trained token per chip", None, ""),
+    ]
+    header = "| " + " | ".join(["", *[f"{p.topology}" for p in plans]]) + " |"
+    lines = [header, "|" + "---|" * (len(plans) + 1)]
+    for label, field, unit in rows:
+        cells = []
+        for p in plans:
+            if label == "window N / target L":
+                cells.append(f"{p.window} / {p.target}")
+            elif label == "remat / attention":
+                cells.append(f"{p.remat} / {p.attention}")
+            elif label.startswith("est. us per"):
+                s = p.seconds_per_trained_token_per_chip
+                cells.append("n/a" if s is None else f"{s * 1e6:.1f}")
+            else:
+                cells.append(_fmt(getattr(p, field), unit, 3 if field == "mfu" else 2))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "the recipe to plan", lock_config=True)
+    flags.DEFINE_string("topology", "v5p-8", f"TPU topology: {sorted(tpu.TOPOLOGIES)} or a raw libtpu name")
+    flags.DEFINE_float("per_device_batch", None, "sequences per chip (sets train.global_batch)")
+    flags.DEFINE_string("baseline", None, "a second recipe (e.g. configs/llama2_7b_pi_full_32k.py) planned beside")
+    flags.DEFINE_float("baseline_per_device_batch", 1.0, "sequences per chip for the baseline")
+    flags.DEFINE_string("json", None, "write the plans as JSON here")
+    flags.DEFINE_string("dump_hlo", None, "write the optimised HLO of the step here")
+    flags.mark_flags_as_required(["config"])
+
+    def _main(_):
+        f = flags.FLAGS
+        try:
+            c = f.config
+            with c.unlocked():
+                c.name = Path(flags.FLAGS["config"].config_filename).stem
+            plans = [plan(c, f.topology, f.per_device_batch, f.dump_hlo)]
+            if f.baseline:
+                b = tc.load_config(f.baseline)
+                b.name = Path(f.baseline).stem
+                plans.append(plan(b, f.topology, f.baseline_per_device_batch))
+        except (tc.ConfigError, sharding.MeshError, RuntimeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(table(plans))
+        for p in plans:
+            for note in p.notes:
+                print(f"note ({p.config}): {note}")
+        if len(plans) == 2 and all(p.seconds_per_trained_token_per_chip for p in plans):
+            ratio = plans[0].seconds_per_trained_token_per_chip / plans[1].seconds_per_trained_token_per_chip
+            print(f"\n{plans[0].config} costs {ratio:.2f}x of {plans[1].config} per trained token.")
+        for p in plans:
+            if not p.fits:
+                s = suggest(c if p is plans[0] else b, f.topology, p.per_device_batch)
+                print(f"{p.config} does not fit: " + (f"try --config.model.remat={s[0]} with per-device batch "
+                                                      f"{s[1]:g}" if s else "no remat/batch choice fits; use "
+                                                      "more chips"))
+        if f.json:
+            Path(f.json).write_text(json.dumps([dataclasses.asdict(p) for p in plans], indent=2))
+        return 0
+
+    app.run(lambda argv: sys.exit(_main(argv)), argv=argv)
+    return 0
+
+
+if __name__ == "__main__":
+    main()
