@@ -13,7 +13,7 @@ def get_config():
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
     c.model.remat = "full"
-    c.model.attention = "blockwise"
+    c.model.attention = "auto"  # Pallas splash on TPU, blockwise elsewhere
     c.positions.method = "full"
     c.train.steps = 1000
     c.train.global_batch = 32

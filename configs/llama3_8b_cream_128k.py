@@ -12,7 +12,7 @@ def get_config():
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
     c.model.remat = "full"
-    c.model.attention = "blockwise"
+    c.model.attention = "auto"  # Pallas splash on TPU, blockwise elsewhere
     c.positions.method = "cream"
     c.train.steps = 1000
     c.train.global_batch = 32

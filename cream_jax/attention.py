@@ -60,11 +60,40 @@ def attend(q, k, v, segment_ids=None, *, backend: str = "dot_product", block_siz
         raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads.")
     if segment_ids is None:
         segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
+    backend = resolve_backend(backend)
     if backend == "dot_product":
         return dot_product_attention(q, k, v, segment_ids)
     if backend == "blockwise":
         return blockwise_attention(q, k, v, segment_ids, block_size=block_size)
-    raise ValueError(f"Unknown attention backend {backend!r}; use 'dot_product' or 'blockwise'.")
+    if backend == "splash":
+        from cream_jax.splash import splash_attention
+
+        return splash_attention(q, k, v, segment_ids, block_size=block_size, interpret=_target_platform() != "tpu")
+    raise ValueError(f"Unknown attention backend {backend!r}; use 'auto', 'dot_product', 'blockwise' or 'splash'.")
+
+
+# The platform being compiled for: the default backend, or a TPU while the planner compiles ahead of time.
+_TARGET_PLATFORM = contextvars.ContextVar("target_platform", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+    token = _TARGET_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
+
+
+def _target_platform() -> str:
+    return _TARGET_PLATFORM.get() or jax.default_backend()
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto` is the Pallas `splash` kernel on TPU and `blockwise` elsewhere."""
+    if backend == "auto":
+        return "splash" if _target_platform() == "tpu" else "blockwise"
+    return backend
 
 
 def _mask(q_index, kv_index, q_segment, kv_segment):

@@ -11,7 +11,7 @@ from typing import Any
 
 ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3")
 REMAT_POLICIES = ("none", "full", "save_proj", "save_dots")
-ATTENTION_BACKENDS = ("dot_product", "blockwise")
+ATTENTION_BACKENDS = ("auto", "dot_product", "blockwise", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 
 # Parameters each scaling type needs (beyond `theta`); the others have defaults.

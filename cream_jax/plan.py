@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from cream_jax import attention, sharding, tpu, train
 from cream_jax import train_config as tc
+from cream_jax.splash import splash_flops
 
 # HBM per chip (GiB) and peak dense bf16 FLOP/s per chip.
 CHIPS = {"v4": (32, 275e12), "v5e": (16, 197e12), "v5p": (95, 459e12), "v6e": (32, 918e12)}
@@ -89,11 +90,11 @@ def _abstract_inputs(c: ml_collections.ConfigDict, cfg, mesh):
 
 def compile_step(c: ml_collections.ConfigDict, cfg, mesh):
     fn, args = _abstract_inputs(c, cfg, mesh)
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), attention.compiling_for(mesh.devices.flat[0].platform):
         return fn.trace(*args).lower().compile()
 
 
-def _cost(c, cfg, mesh) -> tuple[float, float]:
+def _cost(c, cfg, mesh, peak: float) -> tuple[float, float]:
     """(FLOPs, optimal_seconds) per device of one step, loops accounted for (see the module docstring)."""
     micro = c.copy_and_resolve_references()
     accum = micro.train.grad_accum
@@ -109,7 +110,14 @@ def _cost(c, cfg, mesh) -> tuple[float, float]:
         figures.append((cost["flops"], cost.get("optimal_seconds", float("nan"))))
     (f1, t1), (f2, t2) = figures
     n = cfg.num_hidden_layers
-    return accum * (f1 + (n - 1) * (f2 - f1)), accum * (t1 + (n - 1) * (t2 - t1))
+    flops, seconds = accum * (f1 + (n - 1) * (f2 - f1)), accum * (t1 + (n - 1) * (t2 - t1))
+    with attention.compiling_for(mesh.devices.flat[0].platform):
+        backend = attention.resolve_backend(cfg.attention)
+    if backend == "splash":  # the Pallas kernel reports no cost: add what it executes, at the chip's peak
+        chips = mesh.devices.size
+        extra = splash_flops(c.train.global_batch, c.train.window, cfg.num_attention_heads, cfg.head_dim, n) / chips
+        flops, seconds = flops + extra, seconds + extra / peak
+    return flops, seconds
 
 
 def plan(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | None = None,
@@ -139,7 +147,7 @@ def plan(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | 
     model_flops = train.flops_per_token(cfg, c.train.window) * c.train.global_batch * c.train.window / chips
     flops = seconds = mfu = tps = None
     if with_cost:
-        flops, seconds = _cost(c, cfg, mesh)
+        flops, seconds = _cost(c, cfg, mesh, peak)
         if not seconds > 0:
             notes.append(f"the compiler's optimal_seconds is {seconds:.3g} on {family}: time, MFU and tokens/s "
                          f"are not reported")
@@ -147,8 +155,14 @@ def plan(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | 
         else:
             mfu = model_flops / (seconds * peak)
             tps = c.train.global_batch * c.train.window / chips / seconds
-    notes.append(f"cost from 1- and 2-layer unrolled compiles with attention blocks of "
-                 f"{max(cfg.attention_block_size, -(-c.train.window // _MAX_COST_BLOCKS))}")
+    with attention.compiling_for(devices[0].platform):
+        backend = attention.resolve_backend(cfg.attention)
+    if backend == "splash":
+        notes.append("attention is the Pallas splash kernel, which reports no cost: its FLOPs are added "
+                     "analytically (causal, 2 forward + 7 backward matmuls) and its time as those FLOPs at peak")
+    else:
+        notes.append(f"cost from 1- and 2-layer unrolled compiles with attention blocks of "
+                     f"{max(cfg.attention_block_size, -(-c.train.window // _MAX_COST_BLOCKS))}")
     return Plan(
         config=str(c.get("name", "")), topology=topology, chips=chips, method=c.positions.method,
         window=c.train.window, target=c.train.target_length, global_batch=c.train.global_batch,

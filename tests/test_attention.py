@@ -107,3 +107,25 @@ def test_unrolled_block_loops_compute_the_same():
     assert "while" not in text
     for g, r in zip(got, ref):
         np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("H,N,packed", [(4, 4, False), (4, 2, True), (4, 1, True)])
+def test_splash_interpret_matches_dot_product(H, N, packed):
+    """The Pallas TPU kernel in interpret mode (CPU): values and gradients."""
+    q, k, v = qkv(4, 2, 256, H, N, 64)
+    seg = packed_segments(2, 256, seed=1) if packed else None
+    ref = attend(q, k, v, seg, backend="dot_product")
+    got = attend(q, k, v, seg, backend="splash", block_size=128)
+    assert rel(got, ref) <= 1e-5
+    loss = lambda b: lambda q, k, v: jnp.sum(attend(q, k, v, seg, backend=b, block_size=128) ** 2)  # noqa: E731
+    for g, r in zip(jax.grad(loss("splash"), argnums=(0, 1, 2))(q, k, v),
+                    jax.grad(loss("dot_product"), argnums=(0, 1, 2))(q, k, v)):
+        assert rel(g, r) <= 1e-4
+
+
+def test_auto_backend():
+    from cream_jax.attention import compiling_for, resolve_backend
+
+    assert resolve_backend("auto") == "blockwise"  # this machine has no TPU
+    with compiling_for("tpu"):
+        assert resolve_backend("auto") == "splash"

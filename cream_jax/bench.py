@@ -1,0 +1,488 @@
+"""CPU benchmark: our train step vs transformers', CREAM's sampler overhead, attention backends.
+
+    python -m cream_jax.bench [--out-dir docs] [--quick]
+
+Prints markdown tables and writes `bench.json` and `bench.md` into `--out-dir`.
+`--quick` shrinks every size (a smoke run in well under a minute).
+
+What is measured, and how:
+
+1. Train step, ours vs transformers. The same Llama (fp32, MHA, head_dim 64,
+   intermediate = 2.6875 x hidden rounded up to a multiple of 64, untied
+   lm_head) and the same random tokens. Ours: the jitted, state-donating step
+   of `cream_jax.train` (positions "plain", AdamW + clip 1.0) on a one-device
+   mesh. Theirs: `LlamaForCausalLM` with its default attention (sdpa),
+   forward + loss, backward, clip 1.0, `torch.optim.AdamW`, 2 torch threads.
+   Ours runs with both attention backends, then the faster one again with
+   XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false.
+2. The same step with CREAM positions (window = seq, target = 4 x seq) vs
+   "plain": the sampler's overhead in percent of the step time.
+3. `attend` alone, forward + backward (`jax.vjp` with a random cotangent),
+   head_dim 128, 8 heads, batch 1, fp32: CPU wall time per call, and memory
+   as the temporaries of the TPU compiler (v5p-8, ahead of time via libtpu;
+   XLA's CPU compiler reports no temporaries for large buffers).
+
+Conventions. Every measurement runs in its own subprocess (`--worker`), so
+its memory is its own: peak RSS is that process's VmHWM from
+/proc/self/status at the end; "above baseline" subtracts its VmHWM right after
+its imports; "steady" is the peak during the timed steps alone (VmHWM reset
+through /proc/self/clear_refs after warm-up, so compilation and initialisation
+are excluded). Timing: the first call (compile for ours) is timed apart,
+`warmup` more calls are discarded, then each timed call is wall-clock timed
+up to `block_until_ready` (ours) or the optimizer step's return (torch); we
+report the median. tokens/s = batch x seq / median step time; GFLOP/s uses
+`train.flops_per_token` (same model FLOPs for both frameworks). A
+measurement whose steps would run past its time budget times fewer steps
+(never fewer than 3); the `n` column says how many.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+RESULT_PREFIX = "BENCH_RESULT "
+MiB = 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSize:
+    hidden: int
+    layers: int
+    seq: int
+    batch: int
+    vocab: int = 32000
+
+    @property
+    def name(self) -> str:
+        return f"d{self.hidden}-L{self.layers}-S{self.seq}-B{self.batch}"
+
+    def dims(self) -> dict:
+        """Llama's shape: head_dim 64, MHA, intermediate 2.6875 x hidden rounded up to a multiple of 64."""
+        return dict(vocab_size=self.vocab, hidden_size=self.hidden, num_hidden_layers=self.layers,
+                    intermediate_size=64 * math.ceil(2.6875 * self.hidden / 64),
+                    num_attention_heads=self.hidden // 64, num_key_value_heads=self.hidden // 64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    train: tuple[TrainSize, ...]
+    steps: int  # timed steps per train measurement
+    warmup: int  # discarded calls after the first (compiling) one
+    budget_s: float  # per train measurement; past it, fewer timed steps (>= 3)
+    attn_lengths: tuple[int, ...]  # compiled (TPU) memory for both backends
+    attn_time_max: dict  # backend -> longest S timed on CPU
+    attn_block: int
+    attn_heads: int = 8
+    attn_head_dim: int = 128
+
+
+FULL = Sizes(train=(TrainSize(512, 4, 1024, 2), TrainSize(1024, 8, 2048, 1)), steps=5, warmup=1, budget_s=600,
+             attn_lengths=(1024, 2048, 4096, 8192, 16384, 32768),
+             attn_time_max={"dot_product": 8192, "blockwise": 32768}, attn_block=512)
+QUICK = Sizes(train=(TrainSize(128, 2, 256, 2, vocab=1024),), steps=3, warmup=1, budget_s=60,
+              attn_lengths=(512, 1024, 2048), attn_time_max={"dot_product": 512, "blockwise": 512}, attn_block=128)
+BACKENDS = ("dot_product", "blockwise")
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- process memory
+
+
+def vm_hwm_mib() -> float:
+    """This process's peak resident set (VmHWM), MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / MiB
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def reset_hwm() -> None:
+    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def timed_calls(call, steps: int, warmup: int, budget_s: float) -> dict:
+    """Time `call()` (which blocks until done): the first call apart, `warmup` discarded, then up to `steps`
+    timed ones (fewer, never under 3, if they would run past `budget_s`); peak RSS over the timed ones."""
+    start = time.perf_counter()
+    call()
+    first = time.perf_counter() - start
+    for _ in range(warmup):
+        last = time.perf_counter()
+        call()
+        last = time.perf_counter() - last
+    per_call = last if warmup else first
+    left = budget_s - (time.perf_counter() - start)
+    n = max(min(steps, int(left / per_call)), min(steps, 3))
+    reset_hwm()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    return {"first_call_s": first, "times_s": times, "median_s": statistics.median(times), "n": n,
+            "steady_peak_mib": vm_hwm_mib()}
+
+
+# ----------------------------------------------------------------------------- workers (one per subprocess)
+
+
+def _tokens(size: TrainSize):
+    import numpy as np
+
+    return np.random.default_rng(0).integers(0, size.vocab, (size.batch, size.seq), dtype=np.int32)
+
+
+def worker_ours(spec: dict) -> dict:
+    """Our jitted train step on a one-device mesh."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from cream_jax import sharding, train
+    from cream_jax import train_config as tc
+
+    jax.devices()
+    baseline = vm_hwm_mib()
+    size = TrainSize(**spec["size"])
+    c = tc.base()
+    factor = 4 if spec["method"] == "cream" else 1
+    c.model.update(size.dims(), attention=spec["attention"], max_position_embeddings=factor * size.seq)
+    c.positions.method = spec["method"]
+    c.train.update(window=size.seq, target_length=factor * size.seq, global_batch=size.batch, warmup_steps=1)
+    c.mesh.update(data=1, fsdp=1, tensor=1)
+    cfg = tc.validate(c, num_devices=1)
+    mesh = sharding.make_mesh(dict(c.mesh), jax.devices()[:1])
+    tx, schedule = train.make_optimizer(c.train)
+    with jax.set_mesh(mesh):
+        state, shardings = train.init_state(cfg, tx, mesh, seed=0)
+        step_fn = train.jit_train_step(train.Setup.from_config(c, cfg), tx, schedule, shardings, mesh)
+        bs = train.batch_sharding(mesh)
+        tokens = _tokens(size)
+        batch = {"tokens": jax.device_put(tokens, bs), "weights": jax.device_put(np.ones_like(tokens), bs)}
+        holder = {"state": state, "step": 0}
+
+        def call():
+            holder["state"], metrics = step_fn(holder["state"], batch, jnp.asarray(holder["step"], jnp.int32))
+            holder["step"] += 1
+            jax.block_until_ready((holder["state"], metrics))
+            holder["loss"] = float(metrics["loss"])
+
+        out = timed_calls(call, spec["steps"], spec["warmup"], spec["budget_s"])
+    assert math.isfinite(holder["loss"]), holder["loss"]
+    return {**out, "baseline_mib": baseline, "peak_mib": vm_hwm_mib(), "loss": holder["loss"]}
+
+
+def worker_torch(spec: dict) -> dict:
+    """transformers' LlamaForCausalLM: forward + loss, backward, clip, AdamW."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(spec["threads"])
+    baseline = vm_hwm_mib()
+    size = TrainSize(**spec["size"])
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**size.dims(), max_position_embeddings=size.seq, rms_norm_eps=1e-5,
+                                   tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    tokens = torch.from_numpy(_tokens(size)).long()
+    holder = {}
+
+    def call():
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        holder["loss"] = loss.detach().item()
+
+    out = timed_calls(call, spec["steps"], spec["warmup"], spec["budget_s"])
+    assert math.isfinite(holder["loss"]), holder["loss"]
+    return {**out, "baseline_mib": baseline, "peak_mib": vm_hwm_mib(), "loss": holder["loss"],
+            "attn_implementation": model.config._attn_implementation, "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def _attention_vjp(backend: str, block: int):
+    """(q, k, v, d_out) -> (dq, dk, dv): `attend`'s forward and backward."""
+    import jax
+
+    from cream_jax.attention import attend
+
+    def fwd_bwd(q, k, v, d_out):
+        _, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, backend=backend, block_size=block), q, k, v)
+        return vjp(d_out)
+
+    return fwd_bwd
+
+
+def worker_attention(spec: dict) -> dict:
+    """CPU wall time of one `attend` forward + backward; the run that follows the compile counts as warm-up,
+    unless it took over `long_s` (then it is the only timing, n = 1)."""
+    import jax
+    import jax.numpy as jnp
+
+    jax.devices()
+    baseline = vm_hwm_mib()
+    shape = (1, spec["S"], spec["heads"], spec["head_dim"])
+    q, k, v, d_out = (jax.random.normal(key, shape, jnp.float32) for key in jax.random.split(jax.random.key(0), 4))
+    fn = jax.jit(_attention_vjp(spec["backend"], spec["block"])).lower(q, k, v, d_out).compile()
+    call = lambda: jax.block_until_ready(fn(q, k, v, d_out))  # noqa: E731
+    start = time.perf_counter()
+    call()
+    first = time.perf_counter() - start
+    times = [first]  # too slow to repeat: the single run after compiling is the timing
+    if first <= spec["long_s"]:
+        times = []
+        for _ in range(5 if first < 10 else 3):
+            t = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t)
+    out = {"times_s": times, "median_s": statistics.median(times), "n": len(times)}
+    return {**out, "baseline_mib": baseline, "peak_mib": vm_hwm_mib()}
+
+
+def worker_compiled(spec: dict) -> dict:
+    """TPU compiler temporaries of `attend` forward + backward for every backend and length."""
+    import jax
+    import jax.numpy as jnp
+
+    from cream_jax import tpu
+
+    rows = []
+    for backend in BACKENDS:
+        for S in spec["lengths"]:
+            shape = jax.ShapeDtypeStruct((1, S, spec["heads"], spec["head_dim"]), jnp.float32)
+            compiled = tpu.compile_for_tpu(_attention_vjp(backend, spec["block"]), shape, shape, shape, shape,
+                                           topology=spec["topology"])
+            mem = tpu.memory(compiled)
+            rows.append({"backend": backend, "S": S, "temporaries_mib": mem.temporaries / MiB,
+                         "arguments_mib": mem.arguments / MiB, "outputs_mib": mem.outputs / MiB})
+            log(f"  compiled {backend} S={S}: temporaries {mem.temporaries / MiB:.1f} MiB")
+    return {"rows": rows}
+
+
+WORKERS = {"ours": worker_ours, "torch": worker_torch, "attention": worker_attention, "compiled": worker_compiled}
+
+
+def run_worker(kind: str, spec: dict, xla_flags: str = "") -> dict:
+    """Run one worker in a fresh Python process; returns its result (or {"error": ...})."""
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags,
+               PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    # Run this file by path, not as `-m cream_jax.bench`: the package's __init__ imports jax and flax, which
+    # must not weigh on the torch worker's memory.
+    launch = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    cmd = [sys.executable, "-c", launch, str(Path(__file__).resolve()), "--worker", kind, "--spec", json.dumps(spec)]
+    start, load = time.perf_counter(), os.getloadavg()[0]
+    proc = subprocess.run(cmd, env=env, cwd=package_root, stdout=subprocess.PIPE, text=True)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith(RESULT_PREFIX)]
+    context = {"process_s": time.perf_counter() - start, "loadavg_1min": [load, os.getloadavg()[0]]}
+    if proc.returncode or not lines:
+        log(f"  worker {kind} failed (exit {proc.returncode})")
+        return {"error": f"exit code {proc.returncode}", **context}
+    return {**json.loads(lines[-1][len(RESULT_PREFIX):]), **context}
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def _train_row(size: TrainSize, sizes: Sizes, framework: str, attention: str, method: str = "plain",
+               xla_flags: str = "") -> dict:
+    label = f"{size.name} {framework} {attention} positions={method}" + (f" XLA_FLAGS={xla_flags}" if xla_flags else "")
+    log(f"train step: {label} ...")
+    spec = {"size": dataclasses.asdict(size), "steps": sizes.steps, "warmup": sizes.warmup,
+            "budget_s": sizes.budget_s, "method": method, "attention": attention, "threads": 2}
+    result = run_worker("ours" if framework == "ours" else "torch", spec, xla_flags)
+    row = {"config": size.name, "framework": framework, "attention": attention, "positions": method,
+           "xla_flags": xla_flags, **result}
+    if "median_s" in result:
+        row["tokens_per_s"] = size.batch * size.seq / result["median_s"]
+        row["gflops_per_s"] = _flops_per_step(size) / result["median_s"] / 1e9
+        row["above_baseline_mib"] = result["peak_mib"] - result["baseline_mib"]
+        log(f"  {row['tokens_per_s']:.0f} tokens/s (median {result['median_s']:.3f} s of {result['n']}), "
+            f"peak RSS {result['peak_mib']:.0f} MiB")
+    return row
+
+
+def _flops_per_step(size: TrainSize) -> float:
+    from cream_jax.config import LlamaConfig
+    from cream_jax.train import flops_per_token
+
+    return flops_per_token(LlamaConfig(**size.dims()), size.seq) * size.batch * size.seq
+
+
+def _tps(row: dict) -> float:
+    return row.get("tokens_per_s", 0.0)
+
+
+def bench_train(sizes: Sizes) -> dict:
+    rows, ratio, cream, flag = [], [], [], []
+    for size in sizes.train:
+        ours = {b: _train_row(size, sizes, "ours", b) for b in BACKENDS}
+        best = max(BACKENDS, key=lambda b: _tps(ours[b]))
+        theirs = _train_row(size, sizes, "transformers", "sdpa (default)")
+        theirs["attention"] = theirs.get("attn_implementation", "default")
+        flagged = _train_row(size, sizes, "ours", best, xla_flags=SCHEDULER_FLAG)
+        creamed = _train_row(size, sizes, "ours", best, method="cream")
+        rows += [ours["dot_product"], ours["blockwise"], flagged, creamed, theirs]
+        base = ours[best]
+        ratio.append({"config": size.name, "ours_attention": best, "ours_tokens_per_s": _tps(base),
+                      "transformers_tokens_per_s": _tps(theirs), "ratio": _tps(base) / max(_tps(theirs), 1e-9)})
+        cream.append({"config": size.name, "attention": best, "plain_step_s": base.get("median_s"),
+                      "cream_step_s": creamed.get("median_s"),
+                      "overhead_pct": 100 * (_tps(base) / max(_tps(creamed), 1e-9) - 1)})
+        flag.append({"config": size.name, "attention": best, "flag": SCHEDULER_FLAG,
+                     "default_tokens_per_s": _tps(base), "flag_tokens_per_s": _tps(flagged),
+                     "tokens_per_s_change_pct": 100 * (_tps(flagged) / max(_tps(base), 1e-9) - 1),
+                     "default_peak_mib": base.get("peak_mib"), "flag_peak_mib": flagged.get("peak_mib"),
+                     "default_steady_peak_mib": base.get("steady_peak_mib"),
+                     "flag_steady_peak_mib": flagged.get("steady_peak_mib")})
+    return {"train": rows, "ours_vs_transformers": ratio, "cream_overhead": cream, "scheduler_flag": flag}
+
+
+def bench_attention(sizes: Sizes, topology: str = "v5p-8") -> list[dict]:
+    common = {"heads": sizes.attn_heads, "head_dim": sizes.attn_head_dim, "block": sizes.attn_block}
+    log(f"attention: TPU ({topology}) compiled memory for S={list(sizes.attn_lengths)} ...")
+    compiled = run_worker("compiled", {**common, "lengths": list(sizes.attn_lengths), "topology": topology})
+    rows = []
+    for row in compiled.get("rows", []):
+        S, backend = row["S"], row["backend"]
+        if S <= sizes.attn_time_max[backend]:
+            log(f"attention: CPU fwd+bwd {backend} S={S} ...")
+            cpu = run_worker("attention", {**common, "backend": backend, "S": S, "long_s": 60.0})
+            if "median_s" in cpu:
+                log(f"  {cpu['median_s']:.3f} s (n={cpu['n']}), peak RSS {cpu['peak_mib']:.0f} MiB")
+            row.update({f"cpu_{k}": v for k, v in cpu.items()})
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt(x, spec: str = ".0f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def markdown(results: dict) -> str:
+    train = _table(
+        ["config", "framework", "attention", "positions", "XLA_FLAGS", "tokens/s", "step s (median)", "n",
+         "first call s", "GFLOP/s", "peak RSS MiB", "above baseline MiB", "steady peak MiB", "load"],
+        [[r["config"], r["framework"], r["attention"], r["positions"], r["xla_flags"] or "-",
+          _fmt(r.get("tokens_per_s")), _fmt(r.get("median_s"), ".3f"), r.get("n", "failed"),
+          _fmt(r.get("first_call_s"), ".1f"), _fmt(r.get("gflops_per_s"), ".1f"), _fmt(r.get("peak_mib")),
+          _fmt(r.get("above_baseline_mib")), _fmt(r.get("steady_peak_mib")),
+          "/".join(f"{x:.1f}" for x in r["loadavg_1min"])] for r in results["train"]])
+    ratio = _table(["config", "ours (attention)", "ours tokens/s", "transformers tokens/s", "ours / transformers"],
+                   [[r["config"], r["ours_attention"], _fmt(r["ours_tokens_per_s"]),
+                     _fmt(r["transformers_tokens_per_s"]), _fmt(r["ratio"], ".2f")]
+                    for r in results["ours_vs_transformers"]])
+    cream = _table(["config", "attention", "plain step s", "CREAM step s", "CREAM overhead %"],
+                   [[r["config"], r["attention"], _fmt(r["plain_step_s"], ".3f"), _fmt(r["cream_step_s"], ".3f"),
+                     _fmt(r["overhead_pct"], "+.1f")] for r in results["cream_overhead"]])
+    flag = _table(["config", "attention", "tokens/s default", "tokens/s flag", "change %", "peak MiB default",
+                   "peak MiB flag", "steady peak MiB default", "steady peak MiB flag"],
+                  [[r["config"], r["attention"], _fmt(r["default_tokens_per_s"]), _fmt(r["flag_tokens_per_s"]),
+                    _fmt(r["tokens_per_s_change_pct"], "+.1f"), _fmt(r["default_peak_mib"]),
+                    _fmt(r["flag_peak_mib"]), _fmt(r["default_steady_peak_mib"]), _fmt(r["flag_steady_peak_mib"])]
+                   for r in results["scheduler_flag"]])
+    attn = _table(["backend", "S", "CPU s per fwd+bwd", "n", "CPU peak RSS MiB", "CPU above baseline MiB",
+                   "TPU temporaries MiB"],
+                  [[r["backend"], r["S"], _fmt(r.get("cpu_median_s"), ".3f") if "cpu_median_s" in r else "not timed",
+                    r.get("cpu_n", "-"), _fmt(r.get("cpu_peak_mib")),
+                    _fmt(r["cpu_peak_mib"] - r["cpu_baseline_mib"] if "cpu_peak_mib" in r else None),
+                    _fmt(r["temporaries_mib"], ".1f")] for r in results["attention"]])
+    m = results["meta"]
+    return "\n\n".join([
+        f"# CPU benchmark{' (--quick)' if m['quick'] else ''}",
+        f"`python -m cream_jax.bench{' --quick' if m['quick'] else ''}` on {m['cpus']} CPU cores "
+        f"({m['cpu_model']}); jax {m['jax']}, torch {m['torch']}, transformers {m['transformers']}; "
+        f"code at {m['commit']}. fp32 throughout. Medians of {m['steps']} timed train steps after "
+        f"1 compiling/first call and {m['warmup']} warm-up call(s) unless the n column says otherwise.",
+        "## Train step: ours vs transformers", train,
+        "Peak RSS: the measuring process's VmHWM at its end (compilation/initialisation included); above "
+        "baseline: minus its VmHWM after imports; steady peak: VmHWM over the timed steps alone. load: the "
+        "machine's 1-minute load average when the measurement started / ended (other work shares the cores).",
+        "## Ours / transformers (tokens/s, ours with the faster backend)", ratio,
+        "## CREAM sampler overhead (window = seq, target = 4 x seq)", cream,
+        f"## XLA flag `{SCHEDULER_FLAG}` (ours)", flag,
+        f"## Attention alone: forward + backward, batch 1, {m['attn_heads']} heads, head_dim "
+        f"{m['attn_head_dim']}, block {m['attn_block']}", attn,
+        "TPU temporaries: `tpu.compile_for_tpu(..., topology='v5p-8')` + `tpu.memory(...).temporaries` "
+        "(compiled, not run). CPU: median wall time (n = 1: the single run after compiling, too slow to repeat).",
+        *([f"Notes: {m['notes']}"] if m.get("notes") else []),
+    ]) + "\n"
+
+
+def _meta(sizes: Sizes, quick: bool) -> dict:
+    import platform
+
+    import jax
+
+    root = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    cpu_model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                     platform.processor())
+    try:
+        import importlib.metadata as md
+
+        torch_v, tf_v = md.version("torch"), md.version("transformers")
+    except Exception:  # pragma: no cover
+        torch_v = tf_v = "?"
+    return {"quick": quick, "commit": commit.stdout.strip() or "unknown", "cpus": os.cpu_count(),
+            "cpu_model": cpu_model, "jax": jax.__version__, "torch": torch_v, "transformers": tf_v,
+            "steps": sizes.steps, "warmup": sizes.warmup, "attn_heads": sizes.attn_heads,
+            "attn_head_dim": sizes.attn_head_dim, "attn_block": sizes.attn_block,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out-dir", default="docs")
+    p.add_argument("--quick", action="store_true", help="shrink every size (a smoke run)")
+    p.add_argument("--notes", default="", help="a line added to bench.md")
+    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        print(RESULT_PREFIX + json.dumps(WORKERS[a.worker](json.loads(a.spec))), flush=True)
+        return 0
+    sizes = QUICK if a.quick else FULL
+    start = time.perf_counter()
+    results = {"meta": {**_meta(sizes, a.quick), "notes": a.notes}, **bench_train(sizes),
+               "attention": bench_attention(sizes)}
+    results["meta"]["total_s"] = time.perf_counter() - start
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    md = markdown(results)
+    (out / "bench.md").write_text(md)
+    print(md)
+    log(f"done in {results['meta']['total_s']:.0f} s; wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
