@@ -166,7 +166,7 @@ def plan(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | 
     return Plan(
         config=str(c.get("name", "")), topology=topology, chips=chips, method=c.positions.method,
         window=c.train.window, target=c.train.target_length, global_batch=c.train.global_batch,
-        per_device_batch=c.train.global_batch / chips, remat=cfg.remat, attention=cfg.attention,
+        per_device_batch=c.train.global_batch / chips, remat=cfg.remat, attention=backend,
         hbm_capacity_gib=hbm, arguments_gib=mem.arguments / gib, temporaries_gib=mem.temporaries / gib,
         code_gib=mem.code / gib, total_gib=total / gib, fits=total / gib <= hbm,
         model_flops_per_step=model_flops, compiler_flops_per_step=flops,

@@ -20,7 +20,11 @@ def base() -> ml_collections.ConfigDict:
     # model.preset names an architecture (cream_jax.config.PRESETS); every other model.* field overrides
     # a LlamaConfig field (rope and eabf as sub-dicts). model.init_from: '' (random), an HF directory,
     # or a params checkpoint (from `python -m cream_jax.convert hf-to-orbax`).
+    # Run-time fields are placeholders (None = the preset's value), so any recipe takes them on the command line.
     c.model = ml_collections.ConfigDict({"preset": "tiny", "init_from": ""})
+    for name, kind in (("max_position_embeddings", int), ("dtype", str), ("param_dtype", str), ("remat", str),
+                       ("attention", str), ("attention_block_size", int), ("scan_layers", bool)):
+        c.model[name] = ml_collections.config_dict.placeholder(kind)
 
     c.positions = ml_collections.ConfigDict({
         "method": "cream",  # cream | pose | randpos | plain | full
@@ -81,7 +85,7 @@ def model_config(c: ml_collections.ConfigDict, base_config: LlamaConfig | None =
     """LlamaConfig from `model.*`, or, with `base_config` (the one in model.init_from), that config with the
     run-time fields of `model.*` applied (RoPE, EABF, dtypes, remat, attention, max_position_embeddings)."""
     fields = {k: (v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v)
-              for k, v in c.model.items() if k not in ("preset", "init_from")}
+              for k, v in c.model.items() if k not in ("preset", "init_from") and v is not None}
     if base_config is None:
         return preset(c.model.preset, **fields)
     for name in ARCHITECTURE_FIELDS:
