@@ -54,3 +54,19 @@ def test_cli_prints_the_table_and_writes_json(tmp_path):
     (p,) = json.loads((tmp_path / "plan.json").read_text())
     assert p["topology"] == "v5e-4" and p["chips"] == 4 and p["fits"]
     assert "HloModule" in (tmp_path / "step.hlo").read_text()[:200]
+
+
+def test_suggests_a_remat_policy_that_fits(monkeypatch):
+    c = tiny_plan_config(remat="none")
+    c.model.hidden_size, c.model.intermediate_size = 128, 512
+    c.train.window, c.train.target_length = 512, 2048
+    none = plan.plan(c, "v5p-8", per_device_batch=8, with_cost=False)
+    c_full = c.copy_and_resolve_references()
+    c_full.model.remat = "full"
+    full = plan.plan(c_full, "v5p-8", per_device_batch=8, with_cost=False)
+    assert full.temporaries_gib < none.temporaries_gib
+    capacity = (full.total_gib + none.total_gib) / 2  # a chip on which only recomputation fits
+    monkeypatch.setitem(plan.CHIPS, "v5p", (capacity, 459e12))
+    assert not plan.plan(c, "v5p-8", per_device_batch=8, with_cost=False).fits
+    remat, batch = plan.suggest(c, "v5p-8", per_device_batch=8)
+    assert remat in ("save_proj", "full") and batch == 8
