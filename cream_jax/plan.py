@@ -100,7 +100,11 @@ def _cost(c, cfg, mesh, peak: float) -> tuple[float, float]:
     accum = micro.train.grad_accum
     micro.train.global_batch //= accum
     micro.train.grad_accum = 1
-    block = max(cfg.attention_block_size, -(-micro.train.window // _MAX_COST_BLOCKS))
+    with attention.compiling_for(mesh.devices.flat[0].platform):
+        backend = attention.resolve_backend(cfg.attention)
+    block = cfg.attention_block_size
+    if backend == "blockwise":  # its block loops get unrolled: keep their number small
+        block = max(block, -(-micro.train.window // _MAX_COST_BLOCKS))
     figures = []
     for layers in (1, 2):
         small = cfg.replace(num_hidden_layers=layers, scan_layers=False, attention_block_size=block,
@@ -111,8 +115,6 @@ def _cost(c, cfg, mesh, peak: float) -> tuple[float, float]:
     (f1, t1), (f2, t2) = figures
     n = cfg.num_hidden_layers
     flops, seconds = accum * (f1 + (n - 1) * (f2 - f1)), accum * (t1 + (n - 1) * (t2 - t1))
-    with attention.compiling_for(mesh.devices.flat[0].platform):
-        backend = attention.resolve_backend(cfg.attention)
     if backend == "splash":  # the Pallas kernel reports no cost: add what it executes, at the chip's peak
         chips = mesh.devices.size
         extra = splash_flops(c.train.global_batch, c.train.window, cfg.num_attention_heads, cfg.head_dim, n) / chips
@@ -266,7 +268,10 @@ def main(argv=None) -> int:
                 print(f"note ({p.config}): {note}")
         if len(plans) == 2 and all(p.seconds_per_trained_token_per_chip for p in plans):
             ratio = plans[0].seconds_per_trained_token_per_chip / plans[1].seconds_per_trained_token_per_chip
-            print(f"\n{plans[0].config} costs {ratio:.2f}x of {plans[1].config} per trained token.")
+            flops_ratio = (plans[0].model_flops_per_step / (plans[0].per_device_batch * plans[0].window)) / (
+                plans[1].model_flops_per_step / (plans[1].per_device_batch * plans[1].window))
+            print(f"\n{plans[0].config} costs {ratio:.2f}x of {plans[1].config} per trained token "
+                  f"(model FLOPs per token alone: {flops_ratio:.2f}x).")
         for p in plans:
             if not p.fits:
                 s = suggest(c if p is plans[0] else b, f.topology, p.per_device_batch)
