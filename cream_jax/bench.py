@@ -33,7 +33,9 @@ up to `block_until_ready` (ours) or the optimizer step's return (torch); we
 report the median. tokens/s = batch x seq / median step time; GFLOP/s uses
 `train.flops_per_token` (same model FLOPs for both frameworks). A
 measurement whose steps would run past its time budget times fewer steps
-(never fewer than 3); the `n` column says how many.
+(never fewer than 3); the `n` column says how many. Attention: after the
+compile, one untimed call, then the median of 5 calls (3 if a call takes over
+10 s; a call over 60 s is timed once, that first call itself).
 """
 
 from __future__ import annotations
@@ -116,27 +118,26 @@ def reset_hwm() -> None:
         f.write("5")
 
 
+def seconds(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
 def timed_calls(call, steps: int, warmup: int, budget_s: float) -> dict:
     """Time `call()` (which blocks until done): the first call apart, `warmup` discarded, then up to `steps`
     timed ones (fewer, never under 3, if they would run past `budget_s`); peak RSS over the timed ones."""
     start = time.perf_counter()
-    call()
-    first = time.perf_counter() - start
+    first = per_call = seconds(call)
     for _ in range(warmup):
-        last = time.perf_counter()
-        call()
-        last = time.perf_counter() - last
-    per_call = last if warmup else first
+        per_call = seconds(call)
     left = budget_s - (time.perf_counter() - start)
     n = max(min(steps, int(left / per_call)), min(steps, 3))
     reset_hwm()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t)
+    cpu = time.process_time()
+    times = [seconds(call) for _ in range(n)]
     return {"first_call_s": first, "times_s": times, "median_s": statistics.median(times), "n": n,
-            "steady_peak_mib": vm_hwm_mib()}
+            "steady_peak_mib": vm_hwm_mib(), "cores_used": (time.process_time() - cpu) / sum(times)}
 
 
 # ----------------------------------------------------------------------------- workers (one per subprocess)
@@ -244,18 +245,14 @@ def worker_attention(spec: dict) -> dict:
     q, k, v, d_out = (jax.random.normal(key, shape, jnp.float32) for key in jax.random.split(jax.random.key(0), 4))
     fn = jax.jit(_attention_vjp(spec["backend"], spec["block"])).lower(q, k, v, d_out).compile()
     call = lambda: jax.block_until_ready(fn(q, k, v, d_out))  # noqa: E731
-    start = time.perf_counter()
-    call()
-    first = time.perf_counter() - start
+    cpu = time.process_time()
+    first = seconds(call)
     times = [first]  # too slow to repeat: the single run after compiling is the timing
     if first <= spec["long_s"]:
-        times = []
-        for _ in range(5 if first < 10 else 3):
-            t = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - t)
-    out = {"times_s": times, "median_s": statistics.median(times), "n": len(times)}
-    return {**out, "baseline_mib": baseline, "peak_mib": vm_hwm_mib()}
+        cpu = time.process_time()
+        times = [seconds(call) for _ in range(5 if first < 10 else 3)]
+    return {"times_s": times, "median_s": statistics.median(times), "n": len(times), "baseline_mib": baseline,
+            "peak_mib": vm_hwm_mib(), "cores_used": (time.process_time() - cpu) / sum(times)}
 
 
 def worker_compiled(spec: dict) -> dict:
@@ -389,11 +386,11 @@ def _table(header: list[str], rows: list[list]) -> str:
 def markdown(results: dict) -> str:
     train = _table(
         ["config", "framework", "attention", "positions", "XLA_FLAGS", "tokens/s", "step s (median)", "n",
-         "first call s", "GFLOP/s", "peak RSS MiB", "above baseline MiB", "steady peak MiB", "load"],
+         "first call s", "GFLOP/s", "peak RSS MiB", "above baseline MiB", "steady peak MiB", "cores used", "load"],
         [[r["config"], r["framework"], r["attention"], r["positions"], r["xla_flags"] or "-",
           _fmt(r.get("tokens_per_s")), _fmt(r.get("median_s"), ".3f"), r.get("n", "failed"),
           _fmt(r.get("first_call_s"), ".1f"), _fmt(r.get("gflops_per_s"), ".1f"), _fmt(r.get("peak_mib")),
-          _fmt(r.get("above_baseline_mib")), _fmt(r.get("steady_peak_mib")),
+          _fmt(r.get("above_baseline_mib")), _fmt(r.get("steady_peak_mib")), _fmt(r.get("cores_used"), ".2f"),
           "/".join(f"{x:.1f}" for x in r["loadavg_1min"])] for r in results["train"]])
     ratio = _table(["config", "ours (attention)", "ours tokens/s", "transformers tokens/s", "ours / transformers"],
                    [[r["config"], r["ours_attention"], _fmt(r["ours_tokens_per_s"]),
@@ -408,10 +405,10 @@ def markdown(results: dict) -> str:
                     _fmt(r["tokens_per_s_change_pct"], "+.1f"), _fmt(r["default_peak_mib"]),
                     _fmt(r["flag_peak_mib"]), _fmt(r["default_steady_peak_mib"]), _fmt(r["flag_steady_peak_mib"])]
                    for r in results["scheduler_flag"]])
-    attn = _table(["backend", "S", "CPU s per fwd+bwd", "n", "CPU peak RSS MiB", "CPU above baseline MiB",
-                   "TPU temporaries MiB"],
+    attn = _table(["backend", "S", "CPU s per fwd+bwd", "n", "cores used", "CPU peak RSS MiB",
+                   "CPU above baseline MiB", "TPU temporaries MiB"],
                   [[r["backend"], r["S"], _fmt(r.get("cpu_median_s"), ".3f") if "cpu_median_s" in r else "not timed",
-                    r.get("cpu_n", "-"), _fmt(r.get("cpu_peak_mib")),
+                    r.get("cpu_n", "-"), _fmt(r.get("cpu_cores_used"), ".2f"), _fmt(r.get("cpu_peak_mib")),
                     _fmt(r["cpu_peak_mib"] - r["cpu_baseline_mib"] if "cpu_peak_mib" in r else None),
                     _fmt(r["temporaries_mib"], ".1f")] for r in results["attention"]])
     m = results["meta"]
@@ -424,7 +421,9 @@ def markdown(results: dict) -> str:
         "## Train step: ours vs transformers", train,
         "Peak RSS: the measuring process's VmHWM at its end (compilation/initialisation included); above "
         "baseline: minus its VmHWM after imports; steady peak: VmHWM over the timed steps alone. load: the "
-        "machine's 1-minute load average when the measurement started / ended (other work shares the cores).",
+        "machine's 1-minute load average when the measurement started / ended; cores used: the process's CPU "
+        "time over the timed steps / their wall time (2.00 = both cores; less = waiting, or other work on the "
+        "cores).",
         "## Ours / transformers (tokens/s, ours with the faster backend)", ratio,
         "## CREAM sampler overhead (window = seq, target = 4 x seq)", cream,
         f"## XLA flag `{SCHEDULER_FLAG}` (ours)", flag,

@@ -1,0 +1,51 @@
+"""The benchmark's --quick run: every section present with positive numbers, and the attention backends'
+compiled memory scaling (blockwise ~linear in S, dot_product ~quadratic)."""
+
+import json
+
+import numpy as np
+
+from cream_jax import bench
+
+
+def _slope(rows, backend):
+    rows = sorted((r["S"], r["temporaries_mib"]) for r in rows if r["backend"] == backend)
+    S, mib = np.array(rows).T
+    return np.polyfit(np.log(S), np.log(mib), 1)[0]
+
+
+def test_quick_run(tmp_path):
+    assert bench.main(["--quick", "--out-dir", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "bench.json").read_text())
+
+    train = r["train"]
+    assert {(x["framework"], x["positions"]) for x in train} == {("ours", "plain"), ("ours", "cream"),
+                                                                  ("transformers", "plain")}
+    assert {x["attention"] for x in train if x["framework"] == "ours"} == set(bench.BACKENDS)
+    assert any(x["xla_flags"] == bench.SCHEDULER_FLAG for x in train)
+    for x in train:
+        assert "error" not in x, x
+        for key in ("tokens_per_s", "median_s", "peak_mib", "baseline_mib", "gflops_per_s"):
+            assert x[key] > 0, (key, x)
+        assert x["peak_mib"] >= x["baseline_mib"]
+    for section, keys in (("ours_vs_transformers", ("ours_tokens_per_s", "transformers_tokens_per_s", "ratio")),
+                          ("cream_overhead", ("plain_step_s", "cream_step_s")),
+                          ("scheduler_flag", ("default_tokens_per_s", "flag_tokens_per_s", "flag_peak_mib"))):
+        assert r[section], section
+        for x in r[section]:
+            assert all(x[k] > 0 for k in keys), (section, x)
+    assert all(np.isfinite(x["overhead_pct"]) for x in r["cream_overhead"])
+
+    attention = r["attention"]
+    assert {(x["backend"], x["S"]) for x in attention} == {
+        (b, S) for b in bench.BACKENDS for S in bench.QUICK.attn_lengths}
+    assert all(x["temporaries_mib"] > 0 for x in attention)
+    timed = [x for x in attention if "cpu_median_s" in x]
+    assert {x["backend"] for x in timed} == set(bench.BACKENDS)
+    assert all(x["cpu_median_s"] > 0 and x["cpu_peak_mib"] > 0 for x in timed)
+    assert _slope(attention, "blockwise") < 1.3
+    assert _slope(attention, "dot_product") > 1.7
+
+    md = (tmp_path / "bench.md").read_text()
+    assert "| config | framework | attention |" in md and "| backend | S |" in md
+    assert "ours / transformers" in md.lower()
