@@ -297,10 +297,10 @@ def load_hf(path: str | os.PathLike, progress: bool = True, **config_overrides: 
 
 def iter_hf_tensors(module: model_lib.Llama, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, torch-layout numpy array) one tensor at a time, in HF's order."""
+    cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype))  # noqa: E731
     for path, leaf in _param_leaves(nnx.state(module, nnx.Param)):
         value = leaf.value
         name = _leaf_name(path)
-        cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype))
         if "{i}" in name:
             for i in range(value.shape[0]):
                 yield name.format(i=i), cast(to_hf_layout(path, np.asarray(value[i])))

@@ -94,14 +94,19 @@ def compile_step(c: ml_collections.ConfigDict, cfg, mesh):
         return fn.trace(*args).lower().compile()
 
 
+def _backend(cfg, platform: str) -> str:
+    """The attention backend the step uses when compiled for `platform` (`auto` resolved)."""
+    with attention.compiling_for(platform):
+        return attention.resolve_backend(cfg.attention)
+
+
 def _cost(c, cfg, mesh, peak: float) -> tuple[float, float]:
     """(FLOPs, optimal_seconds) per device of one step, loops accounted for (see the module docstring)."""
     micro = c.copy_and_resolve_references()
     accum = micro.train.grad_accum
     micro.train.global_batch //= accum
     micro.train.grad_accum = 1
-    with attention.compiling_for(mesh.devices.flat[0].platform):
-        backend = attention.resolve_backend(cfg.attention)
+    backend = _backend(cfg, mesh.devices.flat[0].platform)
     block = cfg.attention_block_size
     if backend == "blockwise":  # its block loops get unrolled: keep their number small
         block = max(block, -(-micro.train.window // _MAX_COST_BLOCKS))
@@ -157,8 +162,7 @@ def plan(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | 
         else:
             mfu = model_flops / (seconds * peak)
             tps = c.train.global_batch * c.train.window / chips / seconds
-    with attention.compiling_for(devices[0].platform):
-        backend = attention.resolve_backend(cfg.attention)
+    backend = _backend(cfg, devices[0].platform)
     if backend == "splash":
         notes.append("attention is the Pallas splash kernel, which reports no cost: its FLOPs are added "
                      "analytically (causal, 2 forward + 7 backward matmuls) and its time as those FLOPs at peak")
