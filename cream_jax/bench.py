@@ -16,7 +16,10 @@ What is measured, and how:
    Ours runs with both attention backends, then the faster one again with
    XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false.
 2. The same step with CREAM positions (window = seq, target = 4 x seq) vs
-   "plain": the sampler's overhead in percent of the step time.
+   "plain": the sampler's overhead in percent of the step time. Both steps are
+   compiled in one process and called alternately on one evolving state, so a
+   load change on the shared cores hits both alike; the overhead is the median
+   of the per-pair time ratios (separate runs differed by +-5 % from noise).
 3. `attend` alone, forward + backward (`jax.vjp` with a random cotangent),
    head_dim 128, 8 heads, batch 1, fp32: CPU wall time per call, and memory
    as the temporaries of the TPU compiler (v5p-8, ahead of time via libtpu;
@@ -79,6 +82,7 @@ class TrainSize:
 class Sizes:
     train: tuple[TrainSize, ...]
     steps: int  # timed steps per train measurement
+    pairs: int  # alternated (plain, CREAM) step pairs for the sampler's overhead
     warmup: int  # discarded calls after the first (compiling) one
     budget_s: float  # per train measurement; past it, fewer timed steps (>= 3)
     attn_lengths: tuple[int, ...]  # compiled (TPU) memory for both backends
@@ -88,10 +92,10 @@ class Sizes:
     attn_head_dim: int = 128
 
 
-FULL = Sizes(train=(TrainSize(512, 4, 1024, 2), TrainSize(1024, 8, 2048, 1)), steps=5, warmup=1, budget_s=600,
+FULL = Sizes(train=(TrainSize(512, 4, 1024, 2), TrainSize(1024, 8, 2048, 1)), steps=5, pairs=7, warmup=1, budget_s=600,
              attn_lengths=(1024, 2048, 4096, 8192, 16384, 32768),
              attn_time_max={"dot_product": 8192, "blockwise": 32768}, attn_block=512)
-QUICK = Sizes(train=(TrainSize(128, 2, 256, 2, vocab=1024),), steps=3, warmup=1, budget_s=60,
+QUICK = Sizes(train=(TrainSize(128, 2, 256, 2, vocab=1024),), steps=3, pairs=3, warmup=1, budget_s=60,
               attn_lengths=(512, 1024, 2048), attn_time_max={"dot_product": 512, "blockwise": 512}, attn_block=128)
 BACKENDS = ("dot_product", "blockwise")
 
@@ -149,44 +153,86 @@ def _tokens(size: TrainSize):
     return np.random.default_rng(0).integers(0, size.vocab, (size.batch, size.seq), dtype=np.int32)
 
 
-def worker_ours(spec: dict) -> dict:
-    """Our jitted train step on a one-device mesh."""
+def _our_steps(spec: dict, methods: tuple[str, ...]):
+    """Our jitted train step on a one-device mesh for each positions method, sharing one state; and the batch."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from cream_jax import sharding, train
     from cream_jax import train_config as tc
 
+    size = TrainSize(**spec["size"])
+    factor = 4 if "cream" in methods else 1
+    steps, state = {}, None
+    for method in methods:
+        c = tc.base()
+        c.model.update(size.dims(), attention=spec["attention"], max_position_embeddings=factor * size.seq,
+                       **spec.get("model", {}))
+        c.positions.method = method
+        c.train.update(window=size.seq, target_length=(factor if method == "cream" else 1) * size.seq,
+                       global_batch=size.batch, warmup_steps=1)
+        c.mesh.update(data=1, fsdp=1, tensor=1)
+        cfg = tc.validate(c, num_devices=1)
+        mesh = sharding.make_mesh(dict(c.mesh), jax.devices()[:1])
+        tx, schedule = train.make_optimizer(c.train)
+        with jax.set_mesh(mesh):
+            if state is None:
+                state, shardings = train.init_state(cfg, tx, mesh, seed=0)
+                bs = train.batch_sharding(mesh)
+                tokens = _tokens(size)
+                batch = {"tokens": jax.device_put(tokens, bs), "weights": jax.device_put(np.ones_like(tokens), bs)}
+            steps[method] = train.jit_train_step(train.Setup.from_config(c, cfg), tx, schedule, shardings, mesh)
+    return steps, state, batch, mesh
+
+
+def _stepper(step_fn, holder: dict, batch: dict):
+    import jax
+    import jax.numpy as jnp
+
+    def call():
+        holder["state"], metrics = step_fn(holder["state"], batch, jnp.asarray(holder["step"], jnp.int32))
+        holder["step"] += 1
+        jax.block_until_ready((holder["state"], metrics))
+        holder["loss"] = float(metrics["loss"])
+
+    return call
+
+
+def worker_ours(spec: dict) -> dict:
+    """Our jitted train step on a one-device mesh."""
+    import jax
+
     jax.devices()
     baseline = vm_hwm_mib()
-    size = TrainSize(**spec["size"])
-    c = tc.base()
-    factor = 4 if spec["method"] == "cream" else 1
-    c.model.update(size.dims(), attention=spec["attention"], max_position_embeddings=factor * size.seq)
-    c.positions.method = spec["method"]
-    c.train.update(window=size.seq, target_length=factor * size.seq, global_batch=size.batch, warmup_steps=1)
-    c.mesh.update(data=1, fsdp=1, tensor=1)
-    cfg = tc.validate(c, num_devices=1)
-    mesh = sharding.make_mesh(dict(c.mesh), jax.devices()[:1])
-    tx, schedule = train.make_optimizer(c.train)
+    steps, state, batch, mesh = _our_steps(spec, (spec["method"],))
+    holder = {"state": state, "step": 0}
     with jax.set_mesh(mesh):
-        state, shardings = train.init_state(cfg, tx, mesh, seed=0)
-        step_fn = train.jit_train_step(train.Setup.from_config(c, cfg), tx, schedule, shardings, mesh)
-        bs = train.batch_sharding(mesh)
-        tokens = _tokens(size)
-        batch = {"tokens": jax.device_put(tokens, bs), "weights": jax.device_put(np.ones_like(tokens), bs)}
-        holder = {"state": state, "step": 0}
-
-        def call():
-            holder["state"], metrics = step_fn(holder["state"], batch, jnp.asarray(holder["step"], jnp.int32))
-            holder["step"] += 1
-            jax.block_until_ready((holder["state"], metrics))
-            holder["loss"] = float(metrics["loss"])
-
-        out = timed_calls(call, spec["steps"], spec["warmup"], spec["budget_s"])
+        out = timed_calls(_stepper(steps[spec["method"]], holder, batch), spec["steps"], spec["warmup"],
+                          spec["budget_s"])
     assert math.isfinite(holder["loss"]), holder["loss"]
     return {**out, "baseline_mib": baseline, "peak_mib": vm_hwm_mib(), "loss": holder["loss"]}
+
+
+def worker_cream_ab(spec: dict) -> dict:
+    """The plain and the CREAM step in one process on one evolving state, called alternately (plain, CREAM,
+    plain, ...): both see the same machine load, so their per-pair ratio measures the sampler's cost."""
+    import jax
+
+    steps, state, batch, mesh = _our_steps(spec, ("plain", "cream"))
+    holder = {"state": state, "step": 0}
+    calls = {m: _stepper(steps[m], holder, batch) for m in steps}
+    with jax.set_mesh(mesh):
+        for _ in range(1 + spec["warmup"]):
+            for m in calls:
+                calls[m]()
+        pairs = [(seconds(calls["plain"]), seconds(calls["cream"])) for _ in range(spec["pairs"])]
+    assert math.isfinite(holder["loss"]), holder["loss"]
+    ratios = sorted(c / p for p, c in pairs)
+    return {"plain_s": [p for p, _ in pairs], "cream_s": [c for _, c in pairs],
+            "plain_median_s": statistics.median(p for p, _ in pairs),
+            "cream_median_s": statistics.median(c for _, c in pairs),
+            "overhead_pct": 100 * (statistics.median(ratios) - 1),
+            "overhead_pct_range": [100 * (ratios[0] - 1), 100 * (ratios[-1] - 1)], "pairs": len(pairs)}
 
 
 def worker_torch(spec: dict) -> dict:
@@ -275,7 +321,8 @@ def worker_compiled(spec: dict) -> dict:
     return {"rows": rows}
 
 
-WORKERS = {"ours": worker_ours, "torch": worker_torch, "attention": worker_attention, "compiled": worker_compiled}
+WORKERS = {"ours": worker_ours, "cream_ab": worker_cream_ab, "torch": worker_torch, "attention": worker_attention,
+           "compiled": worker_compiled}
 
 
 def run_worker(kind: str, spec: dict, xla_flags: str = "") -> dict:
@@ -337,14 +384,14 @@ def bench_train(sizes: Sizes) -> dict:
         theirs = _train_row(size, sizes, "transformers", "sdpa (default)")
         theirs["attention"] = theirs.get("attn_implementation", "default")
         flagged = _train_row(size, sizes, "ours", best, xla_flags=SCHEDULER_FLAG)
-        creamed = _train_row(size, sizes, "ours", best, method="cream")
-        rows += [ours["dot_product"], ours["blockwise"], flagged, creamed, theirs]
+        log(f"CREAM sampler overhead: {size.name} {best}, plain and CREAM steps alternated ...")
+        ab = run_worker("cream_ab", {"size": dataclasses.asdict(size), "warmup": sizes.warmup, "pairs": sizes.pairs,
+                                     "attention": best})
+        rows += [ours["dot_product"], ours["blockwise"], flagged, theirs]
         base = ours[best]
         ratio.append({"config": size.name, "ours_attention": best, "ours_tokens_per_s": _tps(base),
                       "transformers_tokens_per_s": _tps(theirs), "ratio": _tps(base) / max(_tps(theirs), 1e-9)})
-        cream.append({"config": size.name, "attention": best, "plain_step_s": base.get("median_s"),
-                      "cream_step_s": creamed.get("median_s"),
-                      "overhead_pct": 100 * (_tps(base) / max(_tps(creamed), 1e-9) - 1)})
+        cream.append({"config": size.name, "attention": best, **ab})
         flag.append({"config": size.name, "attention": best, "flag": SCHEDULER_FLAG,
                      "default_tokens_per_s": _tps(base), "flag_tokens_per_s": _tps(flagged),
                      "tokens_per_s_change_pct": 100 * (_tps(flagged) / max(_tps(base), 1e-9) - 1),
@@ -396,9 +443,13 @@ def markdown(results: dict) -> str:
                    [[r["config"], r["ours_attention"], _fmt(r["ours_tokens_per_s"]),
                      _fmt(r["transformers_tokens_per_s"]), _fmt(r["ratio"], ".2f")]
                     for r in results["ours_vs_transformers"]])
-    cream = _table(["config", "attention", "plain step s", "CREAM step s", "CREAM overhead %"],
-                   [[r["config"], r["attention"], _fmt(r["plain_step_s"], ".3f"), _fmt(r["cream_step_s"], ".3f"),
-                     _fmt(r["overhead_pct"], "+.1f")] for r in results["cream_overhead"]])
+    cream = _table(["config", "attention", "pairs", "plain step s (median)", "CREAM step s (median)",
+                    "CREAM overhead % (median of pair ratios)", "range of pair ratios %"],
+                   [[r["config"], r["attention"], r.get("pairs", "-"), _fmt(r.get("plain_median_s"), ".3f"),
+                     _fmt(r.get("cream_median_s"), ".3f"), _fmt(r.get("overhead_pct"), "+.1f"),
+                     " to ".join(_fmt(x, "+.1f") for x in r.get("overhead_pct_range", []))]
+                    for r in results["cream_overhead"]])
+
     flag = _table(["config", "attention", "tokens/s default", "tokens/s flag", "change %", "peak MiB default",
                    "peak MiB flag", "steady peak MiB default", "steady peak MiB flag"],
                   [[r["config"], r["attention"], _fmt(r["default_tokens_per_s"]), _fmt(r["flag_tokens_per_s"]),
@@ -433,7 +484,6 @@ def markdown(results: dict) -> str:
         "(compiled, not run). CPU: median wall time (n = 1: the single run after compiling, too slow to repeat).",
         *([f"Notes: {m['notes']}"] if m.get("notes") else []),
     ]) + "\n"
-
 
 def _meta(sizes: Sizes, quick: bool) -> dict:
     import platform

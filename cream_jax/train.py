@@ -95,12 +95,15 @@ def loss_sums(cfg: LlamaConfig, params, tokens_BxN, weights_BxN, position_ids_Bx
     predicted only where both it and its input are real tokens of the same segment."""
     logits_BxNxV = model_lib.forward(cfg, params, tokens_BxN, position_ids=position_ids_BxN,
                                      segment_ids=segment_ids_BxN)
-    labels_BxM = tokens_BxN[:, 1:]
-    weights_BxM = weights_BxN[:, 1:] * weights_BxN[:, :-1]
+    # Predict at every position against the next token (the last column gets weight 0) rather than slicing
+    # logits[:, :-1]: the slice copies the [B, N, V] logits forward and pads their gradient backward.
+    labels_BxN = jnp.roll(tokens_BxN, -1, axis=1)
+    not_last_N = jnp.arange(tokens_BxN.shape[1]) < tokens_BxN.shape[1] - 1
+    weights_BxN = weights_BxN * jnp.roll(weights_BxN, -1, axis=1) * not_last_N
     if segment_ids_BxN is not None:
-        weights_BxM = weights_BxM * (segment_ids_BxN[:, 1:] == segment_ids_BxN[:, :-1])
-    ce_BxM = optax.softmax_cross_entropy_with_integer_labels(logits_BxNxV[:, :-1], labels_BxM)
-    return jnp.sum(ce_BxM * weights_BxM), jnp.sum(weights_BxM)
+        weights_BxN = weights_BxN * (jnp.roll(segment_ids_BxN, -1, axis=1) == segment_ids_BxN)
+    ce_BxN = optax.softmax_cross_entropy_with_integer_labels(logits_BxNxV, labels_BxN)
+    return jnp.sum(ce_BxN * weights_BxN), jnp.sum(weights_BxN)
 
 
 def _split_micro(x, accum: int):
