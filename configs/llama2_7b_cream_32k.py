@@ -1,6 +1,6 @@
 """CREAM, Llama-2-7B, 4K -> 32K with linear position interpolation (the paper's main recipe, SPEC 6)."""
 
-from cream_jax.train_config import base
+from cream_jax.train_config import base, pg19
 
 
 def get_config(factor: int = 8):
@@ -25,6 +25,7 @@ def get_config(factor: int = 8):
     c.train.clip = 1.0
     c.train.weight_decay = 0.0
     c.train.b2 = 0.999
+    pg19(c)  # set data.data_dir to where the array_record TFDS copy of pg19 lives
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
     c.checkpoint.every = 100
     return c

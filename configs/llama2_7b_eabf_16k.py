@@ -1,6 +1,6 @@
 """Entropy-aware ABF, Llama-2-7B(-chat), full-length 16K fine-tuning (the EABF paper's recipe, SPEC 6)."""
 
-from cream_jax.train_config import base
+from cream_jax.train_config import base, pg19
 
 
 def get_config():
@@ -25,6 +25,7 @@ def get_config():
     c.train.b1, c.train.b2 = 0.9, 0.95
     c.train.weight_decay = 0.1
     c.train.clip = 1.0
+    pg19(c)  # set data.data_dir to where the array_record TFDS copy of pg19 lives
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
     c.checkpoint.every = 100
     return c

@@ -1,6 +1,6 @@
 """CREAM, Llama-3-8B, 8K -> 128K (linear PI x16 on top of theta 500000)."""
 
-from cream_jax.train_config import base
+from cream_jax.train_config import base, pg19
 
 
 def get_config():
@@ -23,6 +23,8 @@ def get_config():
     c.train.decay = "linear"  # linear decay to 0, the Hugging Face Trainer default
     c.train.min_lr_ratio = 0.0
     c.train.clip = 1.0
+    pg19(c)  # set data.data_dir; Llama-3's tokenizer is tiktoken, not SentencePiece: data.tokenizer needs a
+    # SentencePiece model until the pipeline reads tiktoken files
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
     c.checkpoint.every = 100
     return c

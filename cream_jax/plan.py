@@ -79,13 +79,14 @@ def _abstract_inputs(c: ml_collections.ConfigDict, cfg, mesh):
     shapes, specs = train.state_specs(cfg, tx, mesh)
     shardings = train.named(mesh, specs)
     state = jax.tree.map(lambda s, n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=n), shapes, shardings)
-    bs = train.batch_sharding(mesh)
-    buffer = c.train.target_length if c.positions.content == "offsets" else c.train.window
-    batch = {k: jax.ShapeDtypeStruct((c.train.global_batch, buffer), jnp.int32, sharding=bs)
-             for k in ("tokens", "weights")}
+    keys = tc.batch_keys(c)
+    rows, buffer = c.train.global_batch, tc.buffer_length(c)
+    batch = {k: jax.ShapeDtypeStruct((rows,) if k == "doc_lengths" else (rows, buffer),
+                                     jnp.float32 if k == "weights" else jnp.int32, sharding=bs)
+             for k, bs in train.batch_shardings(mesh, keys).items()}
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
     setup = train.Setup.from_config(c, cfg)
-    return train.jit_train_step(setup, tx, schedule, shardings, mesh), (state, batch, step)
+    return train.jit_train_step(setup, tx, schedule, shardings, mesh, keys), (state, batch, step)
 
 
 def compile_step(c: ml_collections.ConfigDict, cfg, mesh):

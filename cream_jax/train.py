@@ -32,6 +32,8 @@ from cream_jax import model as model_lib
 from cream_jax import positions, sharding
 from cream_jax import train_config as tc
 from cream_jax.config import LlamaConfig
+from cream_jax.data.sources import DataError
+from cream_jax.data.tokenizer import TokenizerError
 
 BATCH_SPEC = ("batch", "length")
 
@@ -89,19 +91,20 @@ def make_optimizer(t: ml_collections.ConfigDict) -> tuple[optax.GradientTransfor
 
 
 def loss_sums(cfg: LlamaConfig, params, tokens_BxN, weights_BxN, position_ids_BxN, segment_ids_BxN=None):
-    """(sum of next-token cross-entropies, number of predicted tokens) over gathered sequences.
+    """(sum of weighted next-token cross-entropies, sum of weights) over gathered sequences.
 
-    Predictions across CREAM's position jumps count like any other (SPEC 1.1, item 8). A target is
-    predicted only where both it and its input are real tokens of the same segment."""
+    `weights_BxN` is each token's loss weight as a prediction target (0 on padding and, for chat data, on
+    prompts). Tokens of different segments never predict each other, and segment 0 is padding. Predictions
+    across CREAM's position jumps count like any other (SPEC 1.1, item 8)."""
     logits_BxNxV = model_lib.forward(cfg, params, tokens_BxN, position_ids=position_ids_BxN,
                                      segment_ids=segment_ids_BxN)
     # Predict at every position against the next token (the last column gets weight 0) rather than slicing
     # logits[:, :-1]: the slice copies the [B, N, V] logits forward and pads their gradient backward.
     labels_BxN = jnp.roll(tokens_BxN, -1, axis=1)
     not_last_N = jnp.arange(tokens_BxN.shape[1]) < tokens_BxN.shape[1] - 1
-    weights_BxN = weights_BxN * jnp.roll(weights_BxN, -1, axis=1) * not_last_N
+    weights_BxN = jnp.roll(weights_BxN, -1, axis=1) * not_last_N
     if segment_ids_BxN is not None:
-        weights_BxN = weights_BxN * (jnp.roll(segment_ids_BxN, -1, axis=1) == segment_ids_BxN)
+        weights_BxN = weights_BxN * ((jnp.roll(segment_ids_BxN, -1, axis=1) == segment_ids_BxN) & (segment_ids_BxN > 0))
     ce_BxN = optax.softmax_cross_entropy_with_integer_labels(logits_BxNxV, labels_BxN)
     return jnp.sum(ce_BxN * weights_BxN), jnp.sum(weights_BxN)
 
@@ -118,8 +121,11 @@ def make_train_step(setup: Setup, tx: optax.GradientTransformation, schedule: op
     def train_step(state, batch, step):
         params = state["params"]
         key = positions.fold_step(jax.random.key(setup.seed), step)
+        options = dict(setup.position_options)
+        if "doc_lengths" in batch:  # 'offsets' content: each row holds up to L tokens of a document of this length
+            options["doc_lengths"] = batch["doc_lengths"]
         pos_BxN, index_BxN = positions.sample(key, setup.method, window=setup.window, target=setup.target,
-                                              batch=setup.global_batch, **setup.position_options)
+                                              batch=setup.global_batch, **options)
         tokens = jnp.take_along_axis(batch["tokens"], index_BxN, axis=1)
         weights = jnp.take_along_axis(batch["weights"], index_BxN, axis=1).astype(jnp.float32)
         micro = {"tokens": tokens, "weights": weights, "positions": pos_BxN}
@@ -185,14 +191,18 @@ def init_state(cfg: LlamaConfig, tx, mesh, seed: int, params: dict | None = None
     return {"params": params, "opt_state": opt_state}, shardings
 
 
-def batch_sharding(mesh) -> NamedSharding:
-    return NamedSharding(mesh, sharding.logical_to_spec(BATCH_SPEC, mesh_axes=mesh.axis_names))
+def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:
+    return NamedSharding(mesh, sharding.logical_to_spec(BATCH_SPEC[:ndim], mesh_axes=mesh.axis_names))
 
 
-def jit_train_step(setup: Setup, tx, schedule, shardings, mesh):
-    bs = batch_sharding(mesh)
+def batch_shardings(mesh, keys=("tokens", "weights")) -> dict[str, NamedSharding]:
+    """The batch's shardings: rows over the batch axes; doc_lengths is one number per row."""
+    return {k: batch_sharding(mesh, 1 if k == "doc_lengths" else 2) for k in keys}
+
+
+def jit_train_step(setup: Setup, tx, schedule, shardings, mesh, batch_keys=("tokens", "weights")):
     return jax.jit(make_train_step(setup, tx, schedule),
-                   in_shardings=(shardings, {"tokens": bs, "weights": bs}, NamedSharding(mesh, P())),
+                   in_shardings=(shardings, batch_shardings(mesh, batch_keys), NamedSharding(mesh, P())),
                    out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
 
@@ -231,51 +241,75 @@ def peak_flops(device, override: float = 0.0) -> float | None:
 # ----------------------------------------------------------------------------- the run
 
 
-def initial_params(c: ml_collections.ConfigDict) -> tuple[LlamaConfig, dict | None, str]:
-    """Model config, host params (None = random init) and a line saying where they came from."""
+def initial_config(c: ml_collections.ConfigDict) -> tuple[LlamaConfig, str]:
+    """The model config, read without loading any weights, and a line saying where parameters will come from."""
     from cream_jax import checkpoint, hf
 
     source = c.model.init_from
     if not source:
-        return tc.model_config(c), None, f"random init (preset {c.model.preset}, seed {c.seed})"
+        return tc.model_config(c), f"random init (preset {c.model.preset}, seed {c.seed})"
     path = Path(source)
     if (path / checkpoint.CONFIG_FILE).exists():
-        module = checkpoint.load_params(path)
-        kind = "params checkpoint"
+        base, kind = checkpoint.config_from_json((path / checkpoint.CONFIG_FILE).read_text()), "params checkpoint"
     elif (path / "config.json").exists():
-        module = hf.load_hf(path)
-        kind = "Hugging Face directory"
+        base, kind = hf.read_config(path), "Hugging Face directory"
     else:
         raise tc.ConfigError(f"model.init_from={source!r} is neither a Hugging Face directory (config.json) nor a "
                              f"params checkpoint ({checkpoint.CONFIG_FILE}).")
+    return tc.model_config(c, base_config=base), f"{kind} {source}"
+
+
+def initial_params(c: ml_collections.ConfigDict) -> tuple[LlamaConfig, dict | None, str]:
+    """Model config, host params (None = random init) and a line saying where they came from."""
+    from cream_jax import checkpoint, hf
+
+    cfg, origin = initial_config(c)
+    if not c.model.init_from:
+        return cfg, None, origin
+    path = Path(c.model.init_from)
+    module = checkpoint.load_params(path) if (path / checkpoint.CONFIG_FILE).exists() else hf.load_hf(path)
     cfg = tc.model_config(c, base_config=module.config)
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(module, nnx.Param)))
-    return cfg, params, f"{kind} {source}"
+    return cfg, params, origin
 
 
 def run(c: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[str, Any]]:
-    """Train for `train.steps`; returns the logged metrics (also in workdir/metrics.jsonl)."""
+    """Train for `train.steps`; returns the logged metrics (also in workdir/metrics.jsonl).
+
+    Everything that can be wrong with the config, the model source or the data is reported before any
+    weights are loaded or anything is compiled."""
     from tqdm.auto import tqdm
 
-    from cream_jax.synthetic import MarkovSource
+    from cream_jax.data import pipeline as data_pipeline
 
     tc.validate(c, num_devices=jax.device_count())
     workdir = Path(workdir)
     lead = jax.process_index() == 0
-    cfg, host_params, origin = initial_params(c)
+    cfg, _ = initial_config(c)
     tc.check_model_fits_mesh(cfg, c, jax.device_count())
     mesh = sharding.make_mesh(dict(c.mesh))
-    tx, schedule = make_optimizer(c.train)
     setup = Setup.from_config(c, cfg)
+    t = c.train
+    row_len = tc.buffer_length(c)
+    rows = sharding.host_rows(batch_sharding(mesh), (t.global_batch, row_len))
+    data = data_pipeline.from_config(c, cfg.vocab_size, row_len=row_len, rows=rows, window=setup.window,
+                                     offsets=tc.offsets(c), host=jax.process_index(),
+                                     num_hosts=jax.process_count(), progress=lead)
+    try:
+        return _train(c, workdir, setup, mesh, data, lead, tqdm)
+    finally:
+        data.batches.close()
+
+
+def _train(c, workdir: Path, setup: Setup, mesh, data, lead: bool, tqdm) -> list[dict[str, Any]]:
+    cfg, host_params, origin = initial_params(c)
+    tx, schedule = make_optimizer(c.train)
     t = c.train
     with jax.set_mesh(mesh):
         state, shardings = init_state(cfg, tx, mesh, c.seed, host_params)
-        step_fn = jit_train_step(setup, tx, schedule, shardings, mesh)
+        step_fn = jit_train_step(setup, tx, schedule, shardings, mesh, data.keys)
     del host_params
-    source = MarkovSource(cfg.vocab_size, c.data.branching, seed=c.seed)
-    bs = batch_sharding(mesh)
-    rows = sharding.host_rows(bs, (t.global_batch, setup.window))
-    buffer_len = setup.window if c.positions.content == "contiguous" or setup.method != "cream" else setup.target
+    in_shardings = batch_shardings(mesh, data.keys)
 
     peak = peak_flops(jax.devices()[0], t.peak_flops_per_device)
     step_flops = flops_per_token(cfg, setup.window) * t.global_batch * setup.window
@@ -287,17 +321,14 @@ def run(c: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[str, Any
 
         writer = SummaryWriter(str(workdir / "tensorboard"))
         print(f"cream-jax train: {origin}; {cfg.num_params() / 1e6:.1f}M params; mesh {dict(mesh.shape)}; "
-              f"positions {setup.method} N={setup.window} L={setup.target}; data: synthetic Markov source "
-              f"(unigram entropy {source.unigram_entropy():.3f}, entropy rate {source.conditional_entropy():.3f} "
-              f"nats)", flush=True)
+              f"positions {setup.method} N={setup.window} L={setup.target}; data: {data.description}", flush=True)
     history = []
     bar = tqdm(range(t.steps), disable=not lead, desc="train", unit="step")
     last = time.perf_counter()
     with jax.set_mesh(mesh), open(workdir / "metrics.jsonl", "a") if lead else _nullfile() as log:
         for step in bar:
-            local = source.rows(step, rows, buffer_len)
-            batch = {"tokens": jax.make_array_from_process_local_data(bs, local),
-                     "weights": jax.make_array_from_process_local_data(bs, np.ones_like(local))}
+            local = next(data.batches)
+            batch = {k: jax.make_array_from_process_local_data(in_shardings[k], local[k]) for k in data.keys}
             state, metrics = step_fn(state, batch, jnp.asarray(step, jnp.int32))
             if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -354,8 +385,8 @@ def main(argv=None) -> int:
         sharding.init_distributed(f.coordinator_address, f.num_processes, f.process_id, force=f.distributed)
         try:
             run(f.config, f.workdir)
-        except tc.ConfigError as e:
-            print(f"config error: {e}", file=sys.stderr)
+        except (tc.ConfigError, DataError, TokenizerError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
 

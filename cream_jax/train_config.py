@@ -55,9 +55,22 @@ def base() -> ml_collections.ConfigDict:
         "peak_flops_per_device": 0.0,  # 0: look up the device kind (unknown devices report no MFU)
     })
 
+    # Where the tokens come from (cream_jax/data/): a corpus fetched from the package registries, local
+    # .txt/.jsonl files, a prepared TFDS dataset, or the synthetic Markov source (no tokenizer needed).
     c.data = ml_collections.ConfigDict({
-        "source": "synthetic_markov",  # until the data pipeline lands: a synthetic Markov-chain source
-        "branching": 4,
+        "source": "synthetic_markov",  # synthetic_markov | corpus | files | tfds
+        "name": "",  # corpus: a name from `python -m cream_jax.data.corpora list`; tfds: a dataset (e.g. pg19)
+        "files": "",  # files: comma-separated .txt (one document each) and .jsonl (one per line) paths
+        "text_key": "text",  # the jsonl field / TFDS feature holding the text (pg19: book_text)
+        "format": "text",  # text | chat (jsonl {"messages": [...]}; loss on the answers only)
+        "split": "train",  # tfds split
+        "data_dir": "",  # tfds: its data_dir; corpus/files: where their TFDS copy goes ('' = the cache)
+        "tokenizer": "",  # a tokenizer.model path, a directory holding one, or a registry tokenizer name
+        "packing": "packed",  # packed (documents concatenated, segment ids) | document (one per row, padded)
+        "drop_short": False,  # content='offsets': skip documents shorter than the window instead of failing
+        "prefetch": 2,  # batches computed ahead on a background thread (0 = none)
+        "cache_dir": "",  # '' = $CREAM_JAX_CACHE or ~/.cache/cream_jax
+        "branching": 4,  # synthetic_markov: successors per token
     })
 
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
@@ -124,9 +137,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> Ll
         raise ConfigError(f"train.decay={t.decay!r} is not one of ('cosine', 'linear', 'constant').")
     if t.warmup_steps < 0 or t.warmup_steps > t.steps:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps}].")
-    if c.data.source != "synthetic_markov":
-        raise ConfigError(f"data.source={c.data.source!r}: only 'synthetic_markov' exists until the data pipeline "
-                          f"lands.")
+    check_data(c)
     cfg = model_config(c) if not c.model.init_from else None
     if num_devices is not None:
         from cream_jax.sharding import MeshError, mesh_shape
@@ -142,6 +153,47 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> Ll
         if cfg is not None:
             check_model_fits_mesh(cfg, c, num_devices)
     return cfg
+
+
+def check_data(c: ml_collections.ConfigDict) -> None:
+    from cream_jax.data.pipeline import FORMATS, PACKINGS, SOURCES
+
+    d = c.data
+    for name, value, allowed in (("source", d.source, SOURCES), ("format", d.format, FORMATS),
+                                 ("packing", d.packing, PACKINGS)):
+        if value not in allowed:
+            raise ConfigError(f"data.{name}={value!r} is not one of {allowed}.")
+    if d.source in ("corpus", "tfds") and not d.name:
+        raise ConfigError(f"data.source={d.source!r} needs data.name.")
+    if d.source == "files" and not d.files:
+        raise ConfigError("data.source='files' needs data.files (comma-separated .txt/.jsonl paths).")
+    if offsets(c) and d.source != "synthetic_markov" and d.packing != "document":
+        raise ConfigError("positions.content='offsets' reads one document per row: set data.packing='document'.")
+    if d.format == "chat" and d.source == "synthetic_markov":
+        raise ConfigError("data.format='chat' needs a real source (data.source='files' with chat jsonl).")
+
+
+def pg19(c: ml_collections.ConfigDict, data_dir: str = "") -> None:
+    """Train on PG-19's books (a prepared array_record TFDS dataset in data.data_dir, e.g. a gs:// bucket),
+    tokenized with the tokenizer.model in model.init_from unless data.tokenizer says otherwise."""
+    c.data.update(source="tfds", name="pg19", split="train", text_key="book_text", data_dir=data_dir)
+
+
+def offsets(c: ml_collections.ConfigDict) -> bool:
+    """Whether rows hold up to L tokens of one document with its true length (CREAM/PoSE 'offsets')."""
+    return c.positions.method in ("cream", "pose") and c.positions.content == "offsets"
+
+
+def batch_keys(c: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The arrays of a batch that the data source of `c` produces."""
+    if c.data.source == "synthetic_markov":
+        return ("tokens", "weights")
+    return ("tokens", "weights", "segment_ids") + (("doc_lengths",) if offsets(c) else ())
+
+
+def buffer_length(c: ml_collections.ConfigDict) -> int:
+    """Tokens per example row: L for 'offsets' content, else the window N."""
+    return c.train.target_length if offsets(c) else c.train.window
 
 
 def check_model_fits_mesh(cfg: LlamaConfig, c: ml_collections.ConfigDict, num_devices: int) -> None:

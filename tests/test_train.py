@@ -22,8 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs").glob("*.py"))
 
 
+SYNTHETIC = {"data.source": "synthetic_markov", "model.vocab_size": 128}
+
+
 def tiny(**train_overrides):
+    """tiny_cream on the synthetic Markov source (no corpus to fetch; known entropies)."""
     c = tc.load_config(ROOT / "configs" / "tiny_cream.py")
+    for field, value in SYNTHETIC.items():
+        section, name = field.split(".")
+        c[section][name] = value
     c.train.update(train_overrides)
     return c
 
@@ -175,7 +182,8 @@ def _cli(workdir, *extra, env_devices=8, process=None):
     args = [sys.executable, "-m", "cream_jax.train", f"--config={ROOT / 'configs' / 'tiny_cream.py'}",
             f"--workdir={workdir}", "--config.train.steps=3", "--config.train.warmup_steps=1",
             "--config.train.log_every=1",
-            "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", *extra]
+            "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+            *[f"--config.{k}={v}" for k, v in SYNTHETIC.items()], *extra]
     return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
