@@ -325,3 +325,18 @@ def test_data_bench_quick(tmp_path):
     assert r["tokenization"][0]["tokens_per_s"] > 0 and r["assembly"][0]["tokens_per_s"] > 0
     assert r["margin"][0]["margin"] > 1  # the pipeline outruns the tiny train step it feeds
     assert "| tiny_cream |" in (tmp_path / "data_bench.md").read_text()
+
+
+def test_a_prepared_tfds_dataset_by_name(tmp_path):
+    """data.source='tfds' reads any prepared array_record dataset by name from data.data_dir (as pg19 on a
+    bucket would be); a missing one is a clear error before training."""
+    docs = [f"Chapter {i}. " + "It was the best of times, it was the worst of times. " * 20 for i in range(6)]
+    (tmp_path / "books.jsonl").write_text("".join(json.dumps({"book_text": d}) + "\n" for d in docs))
+    name, data_dir = sources.build_tfds([tmp_path / "books.jsonl"], tmp_path / "tfds", text_key="book_text")
+    c = _real(tmp_path, source="tfds", name=name, data_dir=data_dir, text_key="text")
+    history = train.run(c, tmp_path / "run")
+    assert len(history) == 2 and np.isfinite(history[-1]["loss"])
+    c = _real(tmp_path, source="tfds", name="pg19", data_dir=str(tmp_path / "nowhere"), text_key="book_text")
+    with pytest.raises(DataError, match="cannot open TFDS dataset 'pg19' split 'train'"):
+        train.run(c, tmp_path / "run2")
+    assert not (tmp_path / "run2").exists()
