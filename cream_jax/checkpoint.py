@@ -1,14 +1,26 @@
-"""Orbax checkpoints. For now: a params-only checkpoint (model config JSON + parameters).
+"""Orbax checkpoints: params-only checkpoints for conversion, and train checkpoints that resume exactly.
 
-Layout of a params checkpoint directory:
+A params checkpoint directory (`convert hf-to-orbax`):
     model_config.json   the LlamaConfig as JSON
     params/             an Orbax PyTree checkpoint of the parameters (pure nested dict, our layout)
+
+A run directory's train checkpoints (`TrainCheckpoints`, an Orbax CheckpointManager), one per saved step:
+    RUN/checkpoints/<step>/params     the parameters          (sharded arrays, restored into any mesh)
+                          /opt_state  the optimizer state
+                          /data       the data iterator state (JSON: the next step and a fingerprint)
+                          /meta       step, seed, the LlamaConfig and the whole run config (JSON)
+Saves are asynchronous: the arrays are copied to host before `save` returns and written on a background
+thread into a temporary directory that is renamed when complete, so a kill at any moment leaves the
+previous steps intact; an interrupted save's temporary directory is reported and moved to
+RUN/checkpoints_incomplete/ on the next start. A step that fails to restore is reported, renamed
+`<step>.corrupt` (nothing is deleted) and the previous step is used.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +94,112 @@ def load_params(directory: str | os.PathLike, **config_overrides: Any) -> model_
             raise CheckpointError(f"{directory / PARAMS_DIR} does not match {CONFIG_FILE}: {e}") from e
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
+
+
+# ----------------------------------------------------------------------------- train checkpoints
+
+CHECKPOINTS_DIR = "checkpoints"
+INCOMPLETE_DIR = "checkpoints_incomplete"  # interrupted saves, set aside (never deleted)
+ITEMS = ("params", "opt_state", "data", "meta")
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(f"checkpoint: {msg}", file=sys.stderr, flush=True)
+
+
+class TrainCheckpoints:
+    """Save every K steps (and when asked), asynchronously, keeping the last N; restore the newest good one."""
+
+    def __init__(self, run_dir: str | os.PathLike, keep: int = 3, async_save: bool = True):
+        self.directory = Path(run_dir).absolute() / CHECKPOINTS_DIR
+        self.manager = ocp.CheckpointManager(
+            self.directory, item_names=ITEMS,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep if keep > 0 else None, create=True,
+                                                 enable_async_checkpointing=async_save,
+                                                 cleanup_tmp_directories=False))
+        self._set_aside_incomplete_saves()
+
+    def _set_aside_incomplete_saves(self) -> None:
+        """Orbax never lists an interrupted save's temporary directory as a step, but would remove it when it
+        saves that step again: move it out of Orbax's directory instead, so nothing is ever deleted."""
+        if jax.process_index() != 0:
+            return
+        incomplete = self.directory.parent / INCOMPLETE_DIR
+        for tmp in sorted(self.directory.glob("*.orbax-checkpoint-tmp*")):
+            incomplete.mkdir(exist_ok=True)
+            tmp.rename(incomplete / tmp.name)
+            _log(f"ignoring {tmp.name}: an interrupted save; moved to {incomplete}")
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: dict, data_state: dict, meta: dict) -> None:
+        self.manager.save(step, force=True, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state["params"]), opt_state=ocp.args.StandardSave(state["opt_state"]),
+            data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave({**meta, "step": step})))
+
+    def restore(self, step: int, abstract_state: dict) -> tuple[dict, dict, dict]:
+        """(state, data state, meta) of `step`, arrays placed as `abstract_state`'s shardings say."""
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_state["params"]),
+            opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
+            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        return {"params": out.params, "opt_state": out.opt_state}, dict(out.data), dict(out.meta)
+
+    def restore_latest(self, abstract_state: dict) -> tuple[int, dict, dict, dict] | None:
+        """The newest step that restores; a step that does not is reported and renamed `<step>.corrupt`."""
+        for step in reversed(self.steps()):
+            try:
+                return (step, *self.restore(step, abstract_state))
+            except Exception as e:  # noqa: BLE001 - any failure to read a step means it cannot be used
+                aside = self.directory / f"{step}.corrupt"
+                _log(f"step {step} in {self.directory} cannot be restored ({type(e).__name__}: "
+                     f"{str(e)[:300]}); keeping it as {aside.name} and trying the previous step")
+                if jax.process_index() == 0:
+                    (self.directory / str(step)).rename(aside)
+                self.manager.reload()
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def read_meta(run_dir: str | os.PathLike, step: int | None = None) -> tuple[int, dict]:
+    """(step, meta) of a run directory's newest (or given) train checkpoint, without touching the arrays."""
+    directory = Path(run_dir).absolute() / CHECKPOINTS_DIR
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+    if not steps:
+        raise CheckpointError(f"{run_dir} has no train checkpoints ({directory} holds no step directories).")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"{run_dir} has no checkpoint at step {step}; it has steps {steps}.")
+    meta_file = directory / str(step) / "meta" / "metadata"
+    if not meta_file.exists():
+        raise CheckpointError(f"step {step} of {run_dir} has no meta item ({meta_file}); is it complete?")
+    return step, json.loads(meta_file.read_text())
+
+
+def load_train_params(run_dir: str | os.PathLike, step: int | None = None) -> tuple[model_lib.Llama, int]:
+    """The model of a run's train checkpoint (newest, or `step`) on one device, with the run's RoPE/EABF."""
+    step, meta = read_meta(run_dir, step)
+    cfg = LlamaConfig(**meta["model_config"])
+    abstract = model_lib.abstract(cfg)
+    graphdef, state = nnx.split(abstract)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    manager = ocp.CheckpointManager(Path(run_dir).absolute() / CHECKPOINTS_DIR, item_names=ITEMS,
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"step {step} of {run_dir} cannot be restored: {e}") from e
+    finally:
+        manager.close()
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state), step

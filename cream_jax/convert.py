@@ -2,6 +2,10 @@
 
     python -m cream_jax.convert hf-to-orbax --hf DIR --out DIR [--param-dtype bfloat16]
     python -m cream_jax.convert orbax-to-hf --ckpt DIR --out DIR [--tokenizer tokenizer.model] [--dtype bfloat16]
+    python -m cream_jax.convert orbax-to-hf --ckpt RUN_DIR [--step N] --out DIR    # a train checkpoint
+
+A train run's directory exports its newest (or `--step`) checkpoint with the run's RoPE and EABF settings
+(e.g. linear factor 8 and max_position_embeddings 32768 after a CREAM run).
 
 Both stream tensor by tensor: the model is held once, plus one tensor.
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from cream_jax import checkpoint, hf
 
@@ -33,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="storage dtype of the parameters (default float32 master weights)")
     b = sub.add_parser("orbax-to-hf", help="a params checkpoint -> a transformers directory")
-    b.add_argument("--ckpt", required=True, help="checkpoint directory (from hf-to-orbax)")
+    b.add_argument("--ckpt", required=True, help="a params checkpoint (from hf-to-orbax) or a train run directory")
+    b.add_argument("--step", type=int, default=None, help="train run: the step to export (default: the newest)")
     b.add_argument("--out", required=True, help="output directory")
     b.add_argument("--tokenizer", help="SentencePiece tokenizer.model to ship beside the weights")
     b.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -47,7 +53,14 @@ def main(argv: list[str] | None = None) -> int:
             module = hf.load_hf(args.hf, param_dtype=args.param_dtype)
             out = checkpoint.save_params(module, args.out)
         else:
-            module = checkpoint.load_params(args.ckpt)
+            if (Path(args.ckpt) / checkpoint.CHECKPOINTS_DIR).is_dir():
+                module, step = checkpoint.load_train_params(args.ckpt, args.step)
+                print(f"train checkpoint {args.ckpt} at step {step}")
+            elif args.step is not None:
+                raise checkpoint.CheckpointError(f"--step applies to train run directories; {args.ckpt} has no "
+                                                 f"{checkpoint.CHECKPOINTS_DIR}/")
+            else:
+                module = checkpoint.load_params(args.ckpt)
             out = hf.save_hf(module, args.out, tokenizer=args.tokenizer, dtype=args.dtype,
                              max_shard_bytes=_parse_size(args.max_shard_size))
     except (hf.HFFormatError, checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:

@@ -301,15 +301,99 @@ def run(c: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[str, Any
         data.batches.close()
 
 
+class Preemption:
+    """SIGTERM (TPU maintenance, spot preemption) as a flag the loop checks after each step.
+
+    Multi-host: jax's preemption sync point, where the coordination service catches the signal and all hosts
+    agree on the step to stop at; if that service is not running, our own handler and an all-gather."""
+
+    def __init__(self):
+        import signal
+
+        self.flag, self.signal = False, signal
+        self._jax_sync = jax.process_count() > 1
+        self._previous = None
+        if self._jax_sync:
+            from jax.experimental import multihost_utils
+
+            try:
+                multihost_utils.reached_preemption_sync_point(0)
+            except Exception:  # noqa: BLE001 - no preemption service in this cluster
+                self._jax_sync = False
+        if not self._jax_sync:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def reached(self, step: int) -> bool:
+        if self._jax_sync:
+            from jax.experimental import multihost_utils
+
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            return bool(np.any(multihost_utils.process_allgather(np.asarray(self.flag))))
+        return self.flag
+
+    def close(self) -> None:
+        if self._previous is not None:
+            self.signal.signal(self.signal.SIGTERM, self._previous)
+
+
+def abstract_state(cfg: LlamaConfig, tx, mesh) -> tuple[dict, dict]:
+    """The train state as shapes carrying their target shardings (for restoring into any mesh)."""
+    shapes, specs = state_specs(cfg, tx, mesh)
+    shardings = named(mesh, specs)
+    return jax.tree.map(lambda s, n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=n), shapes, shardings), shardings
+
+
+def _check_same_model(ckpt, cfg: LlamaConfig, workdir: Path) -> None:
+    from cream_jax import checkpoint
+
+    try:
+        _, meta = checkpoint.read_meta(workdir)
+    except checkpoint.CheckpointError:
+        return  # unreadable newest step: restore_latest reports it and falls back
+    saved = LlamaConfig(**meta["model_config"])
+    for name in tc.ARCHITECTURE_FIELDS:
+        if getattr(saved, name) != getattr(cfg, name):
+            raise tc.ConfigError(f"{ckpt.directory} holds checkpoints of another model ({name}={getattr(saved, name)}, "
+                                 f"this config: {getattr(cfg, name)}); use a new --workdir.")
+
+
+def _keep_metrics_up_to(path: Path, step: int) -> None:
+    """On resume, drop logged metrics of steps after the checkpoint (they are about to be recomputed)."""
+    if path.exists():
+        lines = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step]
+        path.write_text("".join(x + "\n" for x in lines))
+
+
 def _train(c, workdir: Path, setup: Setup, mesh, data, lead: bool, tqdm) -> list[dict[str, Any]]:
-    cfg, host_params, origin = initial_params(c)
-    tx, schedule = make_optimizer(c.train)
+    from cream_jax import checkpoint
+
     t = c.train
+    tx, schedule = make_optimizer(t)
+    cfg, _ = initial_config(c)
+    ckpt = checkpoint.TrainCheckpoints(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
+    start, restored = 0, None
     with jax.set_mesh(mesh):
-        state, shardings = init_state(cfg, tx, mesh, c.seed, host_params)
+        if ckpt.steps():
+            _check_same_model(ckpt, cfg, workdir)
+            target, shardings = abstract_state(cfg, tx, mesh)
+            restored = ckpt.restore_latest(target)
+        if restored is not None:
+            start, state, data_state, meta = restored
+            data.batches.restore(data_state)
+            origin = f"resumed from {ckpt.directory} at step {start}"
+        else:
+            cfg, host_params, origin = initial_params(c)
+            state, shardings = init_state(cfg, tx, mesh, c.seed, host_params)
+            del host_params
         step_fn = jit_train_step(setup, tx, schedule, shardings, mesh, data.keys)
-    del host_params
     in_shardings = batch_shardings(mesh, data.keys)
+    meta = {"seed": c.seed, "model_config": cfg.to_dict(), "config": json.loads(c.to_json_best_effort())}
 
     peak = peak_flops(jax.devices()[0], t.peak_flops_per_device)
     step_flops = flops_per_token(cfg, setup.window) * t.global_batch * setup.window
@@ -317,39 +401,56 @@ def _train(c, workdir: Path, setup: Setup, mesh, data, lead: bool, tqdm) -> list
     if lead:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+        _keep_metrics_up_to(workdir / "metrics.jsonl", start)
         from tensorboardX import SummaryWriter
 
         writer = SummaryWriter(str(workdir / "tensorboard"))
         print(f"cream-jax train: {origin}; {cfg.num_params() / 1e6:.1f}M params; mesh {dict(mesh.shape)}; "
               f"positions {setup.method} N={setup.window} L={setup.target}; data: {data.description}", flush=True)
     history = []
-    bar = tqdm(range(t.steps), disable=not lead, desc="train", unit="step")
+    preemption = Preemption()
+    bar = tqdm(range(start, t.steps), disable=not lead, desc="train", unit="step", initial=start, total=t.steps)
     last = time.perf_counter()
-    with jax.set_mesh(mesh), open(workdir / "metrics.jsonl", "a") if lead else _nullfile() as log:
-        for step in bar:
-            local = next(data.batches)
-            batch = {k: jax.make_array_from_process_local_data(in_shardings[k], local[k]) for k in data.keys}
-            state, metrics = step_fn(state, batch, jnp.asarray(step, jnp.int32))
-            if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.perf_counter()
-                steps_done = t.log_every if (step + 1) % t.log_every == 0 else (step + 1) % t.log_every
-                seconds = (now - last) / steps_done
-                last = now
-                metrics.update(step=step + 1, seconds_per_step=seconds,
-                               tokens_per_s=t.global_batch * setup.window / seconds)
-                if peak:
-                    metrics["mfu"] = step_flops / seconds / (peak * jax.device_count())
-                history.append(metrics)
-                if lead:
-                    log.write(json.dumps(metrics) + "\n")
-                    log.flush()
-                    for k, v in metrics.items():
-                        if k != "step":
-                            writer.add_scalar(f"train/{k}", v, step + 1)
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-    if writer is not None:
-        writer.close()
+    try:
+        with jax.set_mesh(mesh), open(workdir / "metrics.jsonl", "a") if lead else _nullfile() as log:
+            for step in bar:
+                local = next(data.batches)
+                batch = {k: jax.make_array_from_process_local_data(in_shardings[k], local[k]) for k in data.keys}
+                state, metrics = step_fn(state, batch, jnp.asarray(step, jnp.int32))
+                done = step + 1
+                if done % t.log_every == 0 or done == t.steps:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    now = time.perf_counter()
+                    steps_done = t.log_every if done % t.log_every == 0 else done % t.log_every
+                    seconds = (now - last) / steps_done
+                    last = now
+                    metrics.update(step=done, seconds_per_step=seconds,
+                                   tokens_per_s=t.global_batch * setup.window / seconds)
+                    if peak:
+                        metrics["mfu"] = step_flops / seconds / (peak * jax.device_count())
+                    history.append(metrics)
+                    if lead:
+                        log.write(json.dumps(metrics) + "\n")
+                        log.flush()
+                        for k, v in metrics.items():
+                            if k != "step":
+                                writer.add_scalar(f"train/{k}", v, done)
+                        bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                preempted = preemption.reached(done)
+                every = c.checkpoint.every
+                if preempted or done == t.steps or (every > 0 and done % every == 0):
+                    ckpt.save(done, state, data.batches.state(), meta)
+                if preempted:
+                    if lead:
+                        print(f"preempted (SIGTERM) after step {done}: checkpoint saved in {ckpt.directory}; "
+                              f"relaunch the same command to resume", file=sys.stderr, flush=True)
+                    break
+        ckpt.wait()
+    finally:
+        preemption.close()
+        ckpt.close()
+        if writer is not None:
+            writer.close()
     return history
 
 
@@ -381,7 +482,11 @@ def main(argv=None) -> int:
     flags.mark_flags_as_required(["config", "workdir"])
 
     def _main(_):
+        from absl import logging
+
         f = flags.FLAGS
+        if not f["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file at INFO
         sharding.init_distributed(f.coordinator_address, f.num_processes, f.process_id, force=f.distributed)
         try:
             run(f.config, f.workdir)

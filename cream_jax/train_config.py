@@ -74,7 +74,9 @@ def base() -> ml_collections.ConfigDict:
     })
 
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-    c.checkpoint = ml_collections.ConfigDict({"every": 0, "keep": 3})
+    # Train checkpoints in WORKDIR/checkpoints: every `every` steps (0: only at the end), at the end, and on
+    # SIGTERM (preemption); the last `keep` are kept. A run resumes from its own newest good checkpoint.
+    c.checkpoint = ml_collections.ConfigDict({"every": 0, "keep": 3, "async_save": True})
     return c
 
 

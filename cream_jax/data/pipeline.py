@@ -150,17 +150,27 @@ class Batches:
 
     def __init__(self, rows: Rows, rows_per_step: int, *, fingerprint: str = "", state: dict | None = None,
                  prefetch: int = 2):
-        self.rows, self.rows_per_step, self.fingerprint = rows, rows_per_step, fingerprint
+        self.rows, self.rows_per_step, self.fingerprint, self.prefetch = rows, rows_per_step, fingerprint, prefetch
         self.step = 0
         if state is not None:
             self._check_state(state)
             self.step = int(state["step"])
-        self._queue: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
-        self._stop = threading.Event()
         self._thread = None
-        if prefetch > 0:
+        self._start()
+
+    def _start(self) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=max(self.prefetch, 1))
+        self._stop = threading.Event()
+        if self.prefetch > 0:
             self._thread = threading.Thread(target=self._produce, args=(self.step,), daemon=True)
             self._thread.start()
+
+    def restore(self, state: dict) -> None:
+        """Continue from `state` (from `state()`, e.g. out of a checkpoint)."""
+        self._check_state(state)
+        self.close()
+        self.step = int(state["step"])
+        self._start()
 
     def _check_state(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
@@ -237,6 +247,10 @@ class SyntheticBatches:
         return out
 
     state = Batches.state
+
+    def restore(self, state: dict) -> None:
+        Batches._check_state(self, state)
+        self.step = int(state["step"])
 
     def close(self) -> None:
         pass
