@@ -363,6 +363,12 @@ def _check_same_model(ckpt, cfg: LlamaConfig, workdir: Path) -> None:
                                  f"this config: {getattr(cfg, name)}); use a new --workdir.")
 
 
+def _write_status(workdir: Path, state: str, step: int) -> None:
+    """WORKDIR/status.json: {"state": "running" | "preempted" | "done", "step": n}, for launchers that relaunch
+    until done (a preempted run exits 0 too)."""
+    (workdir / "status.json").write_text(json.dumps({"state": state, "step": step}) + "\n")
+
+
 def _keep_metrics_up_to(path: Path, step: int) -> None:
     """On resume, drop logged metrics of steps after the checkpoint (they are about to be recomputed)."""
     if path.exists():
@@ -402,6 +408,7 @@ def _train(c, workdir: Path, setup: Setup, mesh, data, lead: bool, tqdm) -> list
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
         _keep_metrics_up_to(workdir / "metrics.jsonl", start)
+        _write_status(workdir, "running", start)
         from tensorboardX import SummaryWriter
 
         writer = SummaryWriter(str(workdir / "tensorboard"))
@@ -410,14 +417,14 @@ def _train(c, workdir: Path, setup: Setup, mesh, data, lead: bool, tqdm) -> list
     history = []
     preemption = Preemption()
     bar = tqdm(range(start, t.steps), disable=not lead, desc="train", unit="step", initial=start, total=t.steps)
-    last = time.perf_counter()
+    last, reached = time.perf_counter(), start
     try:
         with jax.set_mesh(mesh), open(workdir / "metrics.jsonl", "a") if lead else _nullfile() as log:
             for step in bar:
                 local = next(data.batches)
                 batch = {k: jax.make_array_from_process_local_data(in_shardings[k], local[k]) for k in data.keys}
                 state, metrics = step_fn(state, batch, jnp.asarray(step, jnp.int32))
-                done = step + 1
+                done = reached = step + 1
                 if done % t.log_every == 0 or done == t.steps:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     now = time.perf_counter()
@@ -446,6 +453,8 @@ def _train(c, workdir: Path, setup: Setup, mesh, data, lead: bool, tqdm) -> list
                               f"relaunch the same command to resume", file=sys.stderr, flush=True)
                     break
         ckpt.wait()
+        if lead:
+            _write_status(workdir, "done" if reached >= t.steps else "preempted", reached)
     finally:
         preemption.close()
         ckpt.close()

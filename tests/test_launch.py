@@ -1,0 +1,169 @@
+"""launch/: every flag that the scripts, the notebook and the docs pass to our CLIs exists (flags drift); the
+shell scripts pass shellcheck; tpu_pod.sh --dry-run prints the gcloud commands; local.sh and the Colab
+notebook's cells run end to end on this CPU."""
+
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+import pytest
+
+from cream_jax import train_config as tc
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "configs").glob("*.md")), *sorted((ROOT / "launch").glob("*.md")),
+        *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "launch").glob("*.sh"))]
+NOTEBOOK = ROOT / "launch" / "colab_tpu.ipynb"
+SUBCOMMANDS = {"cream_jax.convert", "cream_jax.data.corpora", "cream_jax.data.tokenizer"}
+
+
+def _texts() -> dict[str, str]:
+    texts = {str(p.relative_to(ROOT)): p.read_text() for p in DOCS}
+    nb = json.loads(NOTEBOOK.read_text())
+    texts[str(NOTEBOOK.relative_to(ROOT))] = "\n".join("".join(c["source"]) for c in nb["cells"])
+    return texts
+
+
+def _commands():
+    """(file, module, subcommand, [flag tokens]) of every `python -m cream_jax...` command line."""
+    out = []
+    for name, text in _texts().items():
+        text = re.sub(r"\\\n\s*", " ", text)
+        for m in re.finditer(r"python3? -m (cream_jax(?:\.\w+)*)([^\n`|;&]*)", text):
+            tokens = m.group(2).split()
+            sub = tokens[0] if m.group(1) in SUBCOMMANDS and tokens and not tokens[0].startswith("-") else None
+            out.append((name, m.group(1), sub, [t for t in tokens if t.startswith("--")]))
+    return out
+
+
+@functools.cache
+def _known_flags(module: str, sub: str | None) -> frozenset:
+    args = [sys.executable, "-m", module, *([sub] if sub else []), "--help"]
+    run = subprocess.run(args, env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    text = run.stdout + run.stderr
+    assert "usage" in text.lower() or "flags" in text.lower(), (args, text[-2000:])
+    return frozenset(re.findall(r"--(?:\[no\])?([A-Za-z0-9_-]+)", text))
+
+
+def _config_has(cfg: ml_collections.ConfigDict, dotted: str) -> bool:
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def test_every_documented_flag_exists():
+    commands = _commands()
+    modules = {m for _, m, _, _ in commands}
+    assert {"cream_jax.train", "cream_jax.convert", "cream_jax.plan", "cream_jax.data.corpora"} <= modules
+    assert any(name.startswith("launch/") for name, *_ in commands)
+    problems = []
+    for name, module, sub, flags in commands:
+        known = _known_flags(module, sub)
+        recipe = next((f.split("=", 1)[1] for f in flags if f.startswith("--config=")), None)
+        cfg = tc.load_config(ROOT / recipe) if recipe and (ROOT / recipe).is_file() else tc.base()
+        for flag in flags:
+            key = flag[2:].split("=", 1)[0]
+            if key.startswith("config.") and module == "cream_jax.train":
+                if not _config_has(cfg, key[len("config."):]):
+                    problems.append(f"{name}: {module} {flag}: no such config field")
+            elif key.startswith("config.") and module == "cream_jax.plan":
+                if not _config_has(tc.base(), key[len("config."):]):
+                    problems.append(f"{name}: {module} {flag}: no such config field")
+            elif key not in known:
+                problems.append(f"{name}: {module}{' ' + sub if sub else ''} {flag}: not a flag of the CLI")
+    assert not problems, "\n".join(problems)
+
+
+def test_launch_script_flags_exist():
+    """Flags given to launch/*.sh in the docs and the notebook are options those scripts parse."""
+    problems = []
+    for script in sorted((ROOT / "launch").glob("*.sh")):
+        options = set(re.findall(r"^\s+(--[a-z-]+)\)", script.read_text(), re.M)) | {"--help", "--"}
+        for name, text in _texts().items():
+            text = re.sub(r"\\\n\s*", " ", text)
+            for m in re.finditer(rf"launch/{script.name}([^\n`]*)", text):
+                before_extra = m.group(1).split(" -- ")[0]
+                for flag in re.findall(r"(?<!\S)(--[a-z-]+)", before_extra):
+                    if flag not in options:
+                        problems.append(f"{name}: launch/{script.name} {flag}")
+    assert not problems, "\n".join(problems)
+
+
+def test_shellcheck():
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    run = subprocess.run([shellcheck, *map(str, sorted((ROOT / "launch").glob("*.sh")))], capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_tpu_pod_dry_run_prints_the_gcloud_commands():
+    args = ["--dry-run", "run", "--name", "c32", "--zone", "us-east5-a", "--type", "v5p-32", "--spot", "--bucket", "b",
+            "--workdir", "/gcs/b/runs/c32", "--", "--config.train.lr=1e-5"]
+    # no gcloud on PATH: a dry run must not need it
+    run = subprocess.run([str(ROOT / "launch" / "tpu_pod.sh"), *args], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("gcloud compute tpus tpu-vm create c32 --zone us-east5-a --accelerator-type v5p-32")
+    assert "--spot" in lines[0]
+    assert any("--worker=all" in x and "requirements-tpu.txt" in x and "gcsfuse" in x for x in lines)
+    train = next(x for x in lines if "cream_jax.train" in x)
+    assert "--worker=all" in train and "--distributed" in train and "--config.train.lr=1e-5" in train
+    assert lines[-1] == "gcloud compute tpus tpu-vm delete c32 --zone us-east5-a --quiet"
+    bad = subprocess.run([str(ROOT / "launch" / "tpu_pod.sh"), "--dry-run", "run", "--name", "x"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--zone is required" in bad.stderr
+
+
+def test_local_sh_trains_resumes_and_exports(tmp_path):
+    workdir = tmp_path / "run"
+    for steps in (6, 9):  # the second launch resumes from the first's checkpoint and trains 3 more steps
+        args = [str(ROOT / "launch" / "local.sh"), "--workdir", str(workdir), "--", f"--config.train.steps={steps}",
+                "--config.train.log_every=3", "--config.train.warmup_steps=1"]
+        run = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        assert json.loads((workdir / "status.json").read_text()) == {"state": "done", "step": steps}
+        assert (workdir / f"hf-step{steps}" / "config.json").exists()
+    assert "resumed from" in run.stdout
+    bad = subprocess.run([str(ROOT / "launch" / "local.sh"), "--workdir", str(tmp_path / "bad"), "--",
+                          "--config.train.window=100"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "not a multiple of train.window=100" in bad.stderr  # no pointless relaunches
+
+
+def test_colab_notebook_runs_on_cpu(tmp_path):
+    """The notebook's cells, minus installation, with its run directory in tmp and fewer steps."""
+    nb = json.loads(NOTEBOOK.read_text())
+    namespace: dict = {}
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    for cell in nb["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        source = "".join(cell["source"]).replace("runs/colab", str(tmp_path / "colab"))
+        source = source.replace("--config.train.steps=300", "--config.train.steps=4")
+        source = source.replace("--config.train.warmup_steps=20", "--config.train.warmup_steps=1")
+        if "pip install" in source:
+            continue
+        python = []
+        for line in re.sub(r"\\\n\s*", " ", source).splitlines():
+            if line.startswith("!"):
+                run = subprocess.run(line[1:], shell=True, cwd=ROOT, env=env, capture_output=True, text=True,
+                                     timeout=600)
+                assert run.returncode == 0, (line, run.stdout[-2000:], run.stderr[-3000:])
+            elif not line.startswith("%"):
+                python.append(line)
+        exec(compile("\n".join(python), "colab_tpu.ipynb", "exec"), namespace)  # noqa: S102
+    assert namespace["step"] == 4 and len(namespace["answer"]) > 0
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
