@@ -320,8 +320,10 @@ class Preemption:
                 multihost_utils.reached_preemption_sync_point(0)
             except Exception:  # noqa: BLE001 - no preemption service in this cluster
                 self._jax_sync = False
-        if not self._jax_sync:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        import threading
+
+        if not self._jax_sync and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)  # only the main thread may set handlers
 
     def _handle(self, signum, frame):
         self.flag = True
