@@ -188,3 +188,36 @@ def test_export_of_a_train_checkpoint_generates_like_transformers(straight, tmp_
     with torch.no_grad():
         generated = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, min_new_tokens=32)
     assert generated[0].tolist() == tokens
+
+
+def test_sigterm_on_one_host_stops_all_hosts_at_the_same_step(tmp_path):
+    """Two processes (jax.distributed on localhost): SIGTERM to one; jax's preemption sync point makes both
+    stop after the same step, save one checkpoint together and exit 0."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    procs, logs = [], []
+    for i in range(2):
+        logs.append(open(tmp_path / f"p{i}.log", "w"))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "cream_jax.train", f"--config={ROOT / 'configs' / 'tiny_cream.py'}",
+             f"--workdir={tmp_path / 'run'}", "--config.train.steps=100000", "--config.train.log_every=1",
+             "--config.train.warmup_steps=1", "--config.data.source=synthetic_markov", "--config.model.vocab_size=128",
+             "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+             f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+            env=env, cwd=ROOT, stdout=logs[-1], stderr=subprocess.STDOUT))
+    start = time.time()
+    while _logged_steps(tmp_path / "run") < 4:
+        assert all(p.poll() is None for p in procs) and time.time() - start < 300, (tmp_path / "p0.log").read_text()
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=300) for p in procs]
+    outputs = [(tmp_path / f"p{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 0], outputs
+    step, _ = checkpoint.read_meta(tmp_path / "run")
+    assert step == _logged_steps(tmp_path / "run") >= 4
+    assert json.loads((tmp_path / "run" / "status.json").read_text()) == {"state": "preempted", "step": step}
+    assert all(f"Reached preemption sync point, step={step}" in out for out in outputs)
