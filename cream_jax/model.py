@@ -100,11 +100,10 @@ def rms_norm(x_BxSxD, weight_D, eps: float):
     return weight_D.astype(x_BxSxD.dtype) * x.astype(x_BxSxD.dtype)
 
 
-def decoder_layer(cfg: LlamaConfig, p: dict, x_BxSxD, cos_BxSxK, sin_BxSxK, q_scale_BxS, segment_ids_BxS):
-    """One layer on one layer's parameters `p` (a slice of the stacked tree)."""
+def attention_inputs(cfg: LlamaConfig, p: dict, x_BxSxD, cos_BxSxK, sin_BxSxK, q_scale_BxS):
+    """A layer's queries, keys and values: projected, RoPE applied, and (EABF) the query scaled."""
     dtype = x_BxSxD.dtype
     w = lambda module, name: p[module][name]["weight"].astype(dtype)  # noqa: E731
-
     h_BxSxD = rms_norm(x_BxSxD, p["input_layernorm"]["weight"], cfg.rms_norm_eps)
     q_BxSxHxK = checkpoint_name(jnp.einsum("bsd,dhk->bshk", h_BxSxD, w("self_attn", "q_proj")), "q_proj")
     k_BxSxNxK = checkpoint_name(jnp.einsum("bsd,dnk->bsnk", h_BxSxD, w("self_attn", "k_proj")), "k_proj")
@@ -115,8 +114,13 @@ def decoder_layer(cfg: LlamaConfig, p: dict, x_BxSxD, cos_BxSxK, sin_BxSxK, q_sc
     k_BxSxNxK = rope.apply_rotary(k_BxSxNxK, cos_BxSxK, sin_BxSxK)
     if q_scale_BxS is not None:  # EABF: scale the query after RoPE
         q_BxSxHxK = (q_BxSxHxK.astype(jnp.float32) * q_scale_BxS[:, :, None, None]).astype(dtype)
-    attn_BxSxHxK = attend(q_BxSxHxK, k_BxSxNxK, v_BxSxNxK, segment_ids_BxS,
-                          backend=cfg.attention, block_size=cfg.attention_block_size)
+    return q_BxSxHxK, k_BxSxNxK, v_BxSxNxK
+
+
+def layer_output(cfg: LlamaConfig, p: dict, x_BxSxD, attn_BxSxHxK):
+    """The rest of a layer after attention: output projection, residual, MLP, residual."""
+    dtype = x_BxSxD.dtype
+    w = lambda module, name: p[module][name]["weight"].astype(dtype)  # noqa: E731
     out_BxSxD = checkpoint_name(jnp.einsum("bshk,hkd->bsd", attn_BxSxHxK, w("self_attn", "o_proj")), "o_proj")
     x_BxSxD = constrain(x_BxSxD + out_BxSxD, ("batch", "length", "activation_embed"))
 
@@ -126,6 +130,14 @@ def decoder_layer(cfg: LlamaConfig, p: dict, x_BxSxD, cos_BxSxK, sin_BxSxK, q_sc
     act_BxSxF = constrain(jax.nn.silu(gate_BxSxF) * up_BxSxF, ("batch", "length", "activation_mlp"))
     out_BxSxD = checkpoint_name(jnp.einsum("bsf,fd->bsd", act_BxSxF, w("mlp", "down_proj")), "down_proj")
     return constrain(x_BxSxD + out_BxSxD, ("batch", "length", "activation_embed"))
+
+
+def decoder_layer(cfg: LlamaConfig, p: dict, x_BxSxD, cos_BxSxK, sin_BxSxK, q_scale_BxS, segment_ids_BxS):
+    """One layer on one layer's parameters `p` (a slice of the stacked tree)."""
+    q_BxSxHxK, k_BxSxNxK, v_BxSxNxK = attention_inputs(cfg, p, x_BxSxD, cos_BxSxK, sin_BxSxK, q_scale_BxS)
+    attn_BxSxHxK = attend(q_BxSxHxK, k_BxSxNxK, v_BxSxNxK, segment_ids_BxS,
+                          backend=cfg.attention, block_size=cfg.attention_block_size)
+    return layer_output(cfg, p, x_BxSxD, attn_BxSxHxK)
 
 
 def remat_policy(name: str):
@@ -148,13 +160,10 @@ def forward(cfg: LlamaConfig, params: dict, tokens_BxS, position_ids=None, segme
     x_BxSxD = constrain(x_BxSxD, ("batch", "length", "activation_embed"))
     cos_BxSxK, sin_BxSxK = rope.cos_sin(cfg, position_ids)
     q_scale_BxS = rope.eabf_scale(position_ids, cfg.eabf.base_length) if cfg.eabf.enabled else None
-    skip = jnp.asarray(cfg.eabf.skip_layers or (-1,), jnp.int32)
 
     def layer(x_BxSxD, layer_params_and_index):
         p, index = layer_params_and_index
-        scale = None
-        if q_scale_BxS is not None:
-            scale = jnp.where(jnp.any(skip == index), 1.0, q_scale_BxS)
+        scale = layer_q_scale(cfg, q_scale_BxS, index)
         return decoder_layer(cfg, p, x_BxSxD, cos_BxSxK, sin_BxSxK, scale, segment_ids), None
 
     if cfg.remat != "none":
@@ -166,13 +175,28 @@ def forward(cfg: LlamaConfig, params: dict, tokens_BxS, position_ids=None, segme
         for i in range(cfg.num_hidden_layers):
             x_BxSxD, _ = layer(x_BxSxD, jax.tree.map(lambda a: a[i], stacked))
 
+    return output_logits(cfg, params, x_BxSxD)
+
+
+def output_logits(cfg: LlamaConfig, params: dict, x_BxSxD):
+    """Final norm and the vocabulary projection (tied or lm_head), in float32."""
+    dtype = x_BxSxD.dtype
     x_BxSxD = rms_norm(x_BxSxD, params["model"]["norm"]["weight"], cfg.rms_norm_eps)
     if cfg.tie_word_embeddings:
+        embed_VxD = params["model"]["embed_tokens"]["weight"]
         logits_BxSxV = jnp.einsum("bsd,vd->bsv", x_BxSxD, embed_VxD.astype(dtype), preferred_element_type=jnp.float32)
     else:
         logits_BxSxV = jnp.einsum("bsd,dv->bsv", x_BxSxD, params["lm_head"]["weight"].astype(dtype),
                                   preferred_element_type=jnp.float32)
     return constrain(logits_BxSxV, ("batch", "length", "activation_vocab"))
+
+
+def layer_q_scale(cfg: LlamaConfig, q_scale_BxS, index):
+    """EABF's query scale for layer `index` (1 on the skipped layers), or None without EABF."""
+    if q_scale_BxS is None:
+        return None
+    skip = jnp.asarray(cfg.eabf.skip_layers or (-1,), jnp.int32)
+    return jnp.where(jnp.any(skip == index), 1.0, q_scale_BxS)
 
 
 def init(config: LlamaConfig, seed: int = 0) -> Llama:

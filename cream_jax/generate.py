@@ -1,0 +1,135 @@
+"""Generation with a KV cache: chunked prefill and one-token decode steps, greedy or sampled.
+
+    cache = init_cache(cfg, batch=1, max_len=4096)
+    logits, cache = prefill(cfg, params, prompt_BxS, cache, chunk=512)    # long prompts in chunks
+    tokens = generate(cfg, params, prompt_BxS, max_new_tokens=32)          # greedy; temperature > 0 samples
+
+Slot t of the cache holds the token at absolute position t; RoPE (every scaling type) and EABF's query
+scale use that position, exactly as a full forward pass over the whole sequence does. A chunk of C new
+tokens attends to the cached slots before it and causally within itself, so the prefill of a long prompt
+needs memory for one chunk's C x max_len scores, not the prompt's S x S.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cream_jax import rope
+from cream_jax.config import LlamaConfig
+from cream_jax.model import attention_inputs, layer_output, layer_q_scale, output_logits
+
+_MASKED = -1e30
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    k_LxBxTxNxK: jax.Array
+    v_LxBxTxNxK: jax.Array
+    length: jax.Array  # int32 []: slots filled so far (the same for every row)
+
+    @property
+    def max_len(self) -> int:
+        return self.k_LxBxTxNxK.shape[2]
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> KVCache:
+    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    dtype = jnp.dtype(cfg.dtype)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+
+def _cached_attention(q_BxCxHxK, k_BxTxNxK, v_BxTxNxK, query_slot_C):
+    B, C, H, K = q_BxCxHxK.shape
+    N = k_BxTxNxK.shape[2]
+    q_BxCxNxGxK = q_BxCxHxK.reshape(B, C, N, H // N, K)
+    logits = jnp.einsum("bcngk,btnk->bngct", q_BxCxNxGxK, k_BxTxNxK, preferred_element_type=jnp.float32) * K ** -0.5
+    visible_CxT = jnp.arange(k_BxTxNxK.shape[1])[None, :] <= query_slot_C[:, None]
+    probs = jax.nn.softmax(jnp.where(visible_CxT, logits, _MASKED), axis=-1).astype(v_BxTxNxK.dtype)
+    return jnp.einsum("bngct,btnk->bcngk", probs, v_BxTxNxK).reshape(B, C, H, K)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def extend(cfg: LlamaConfig, params: dict, tokens_BxC, cache: KVCache, num_new=None):
+    """Feed C tokens at slots [length, length + C): (logits [B, C, V], the cache with their keys and values).
+
+    `num_new` (<= C, default C) is how many of the C tokens are real; the cache length advances by it, and the
+    padding's slots are overwritten by the next call."""
+    B, C = tokens_BxC.shape
+    num_new = C if num_new is None else num_new
+    slot_C = cache.length + jnp.arange(C, dtype=jnp.int32)
+    position_BxC = jnp.broadcast_to(slot_C, (B, C))
+    dtype = jnp.dtype(cfg.dtype)
+    x_BxCxD = jnp.take(params["model"]["embed_tokens"]["weight"], tokens_BxC, axis=0).astype(dtype)
+    cos_BxCxK, sin_BxCxK = rope.cos_sin(cfg, position_BxC)
+    q_scale_BxC = rope.eabf_scale(position_BxC, cfg.eabf.base_length) if cfg.eabf.enabled else None
+
+    def layer(x_BxCxD, inputs):
+        p, index, k_BxTxNxK, v_BxTxNxK = inputs
+        q, k, v = attention_inputs(cfg, p, x_BxCxD, cos_BxCxK, sin_BxCxK, layer_q_scale(cfg, q_scale_BxC, index))
+        k_BxTxNxK = jax.lax.dynamic_update_slice(k_BxTxNxK, k.astype(k_BxTxNxK.dtype), (0, cache.length, 0, 0))
+        v_BxTxNxK = jax.lax.dynamic_update_slice(v_BxTxNxK, v.astype(v_BxTxNxK.dtype), (0, cache.length, 0, 0))
+        attn = _cached_attention(q, k_BxTxNxK, v_BxTxNxK, slot_C)
+        return layer_output(cfg, p, x_BxCxD, attn), (k_BxTxNxK, v_BxTxNxK)
+
+    layers = (params["model"]["layers"], jnp.arange(cfg.num_hidden_layers), cache.k_LxBxTxNxK, cache.v_LxBxTxNxK)
+    x_BxCxD, (k_cache, v_cache) = jax.lax.scan(layer, x_BxCxD, layers)
+    return output_logits(cfg, params, x_BxCxD), KVCache(k_cache, v_cache, cache.length + num_new)
+
+
+def prefill(cfg: LlamaConfig, params: dict, tokens_BxS, cache: KVCache, chunk: int = 512):
+    """Feed a prompt in chunks of `chunk` tokens (the last one padded, so only two shapes compile).
+
+    Returns (logits of the prompt's last token [B, V], cache)."""
+    tokens_BxS = np.asarray(tokens_BxS, np.int32)
+    B, S = tokens_BxS.shape
+    if S == 0:
+        raise ValueError("an empty prompt")
+    if int(cache.length) + S > cache.max_len:
+        raise ValueError(f"the prompt ({S} tokens after {int(cache.length)} cached) does not fit the cache of "
+                         f"{cache.max_len} slots; make the cache longer (init_cache(..., max_len=...))")
+    last = None
+    for start in range(0, S, chunk):
+        piece = tokens_BxS[:, start:start + chunk]
+        n = piece.shape[1]
+        if n < chunk and S > chunk:  # pad the tail chunk to the common shape
+            piece = np.pad(piece, ((0, 0), (0, chunk - n)))
+        if int(cache.length) + piece.shape[1] > cache.max_len:  # padding past the end: use the exact shape
+            piece = piece[:, :n]
+        logits, cache = extend(cfg, params, jnp.asarray(piece), cache, n)
+        last = logits[:, n - 1]
+    return last, cache
+
+
+def generate(cfg: LlamaConfig, params: dict, prompt_BxS, max_new_tokens: int, *, temperature: float = 0.0,
+             key: jax.Array | None = None, chunk: int = 512, max_len: int | None = None,
+             stop_token: int | None = None) -> np.ndarray:
+    """Prompt plus `max_new_tokens` tokens [B, S + new]: greedy at temperature 0, else sampled with `key`."""
+    prompt_BxS = np.asarray(prompt_BxS, np.int32)
+    B, S = prompt_BxS.shape
+    cache = init_cache(cfg, B, max_len or S + max_new_tokens)
+    logits_BxV, cache = prefill(cfg, params, prompt_BxS, cache, chunk)
+    if temperature > 0 and key is None:
+        raise ValueError("sampling (temperature > 0) needs a PRNG key")
+    out = [prompt_BxS]
+    done = np.zeros(B, bool)
+    for i in range(max_new_tokens):
+        if temperature > 0:
+            next_B = jax.random.categorical(jax.random.fold_in(key, i), logits_BxV / temperature, axis=-1)
+        else:
+            next_B = jnp.argmax(logits_BxV, axis=-1)
+        next_B = np.asarray(next_B, np.int32)
+        out.append(next_B[:, None])
+        if stop_token is not None:
+            done |= next_B == stop_token
+            if done.all():
+                break
+        if i + 1 < max_new_tokens:
+            logits_BxCxV, cache = extend(cfg, params, jnp.asarray(next_B[:, None]), cache, 1)
+            logits_BxV = logits_BxCxV[:, 0]
+    return np.concatenate(out, axis=1)
