@@ -32,25 +32,30 @@ class KVCache:
     k_LxBxTxNxK: jax.Array
     v_LxBxTxNxK: jax.Array
     length: jax.Array  # int32 []: slots filled so far (the same for every row)
+    start_B: jax.Array  # int32 [B]: a row's first real slot (left padding before it is never attended)
 
     @property
     def max_len(self) -> int:
         return self.k_LxBxTxNxK.shape[2]
 
 
-def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> KVCache:
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, start_B=None) -> KVCache:
+    """An empty cache; `start_B` (default 0) is each row's left padding, for prompts of different lengths."""
     shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
     dtype = jnp.dtype(cfg.dtype)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+    start_B = jnp.zeros((batch,), jnp.int32) if start_B is None else jnp.asarray(start_B, jnp.int32)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32), start_B)
 
 
-def _cached_attention(q_BxCxHxK, k_BxTxNxK, v_BxTxNxK, query_slot_C):
+def _cached_attention(q_BxCxHxK, k_BxTxNxK, v_BxTxNxK, query_slot_C, start_B):
     B, C, H, K = q_BxCxHxK.shape
     N = k_BxTxNxK.shape[2]
     q_BxCxNxGxK = q_BxCxHxK.reshape(B, C, N, H // N, K)
     logits = jnp.einsum("bcngk,btnk->bngct", q_BxCxNxGxK, k_BxTxNxK, preferred_element_type=jnp.float32) * K ** -0.5
-    visible_CxT = jnp.arange(k_BxTxNxK.shape[1])[None, :] <= query_slot_C[:, None]
-    probs = jax.nn.softmax(jnp.where(visible_CxT, logits, _MASKED), axis=-1).astype(v_BxTxNxK.dtype)
+    slot_T = jnp.arange(k_BxTxNxK.shape[1])
+    visible_BxCxT = (slot_T[None, None, :] <= query_slot_C[None, :, None]) & (slot_T >= start_B[:, None])[:, None, :]
+    logits = jnp.where(visible_BxCxT[:, None, None], logits, _MASKED)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxTxNxK.dtype)
     return jnp.einsum("bngct,btnk->bcngk", probs, v_BxTxNxK).reshape(B, C, H, K)
 
 
@@ -63,7 +68,7 @@ def extend(cfg: LlamaConfig, params: dict, tokens_BxC, cache: KVCache, num_new=N
     B, C = tokens_BxC.shape
     num_new = C if num_new is None else num_new
     slot_C = cache.length + jnp.arange(C, dtype=jnp.int32)
-    position_BxC = jnp.broadcast_to(slot_C, (B, C))
+    position_BxC = jnp.maximum(slot_C[None, :] - cache.start_B[:, None], 0)  # a row's positions start at 0
     dtype = jnp.dtype(cfg.dtype)
     x_BxCxD = jnp.take(params["model"]["embed_tokens"]["weight"], tokens_BxC, axis=0).astype(dtype)
     cos_BxCxK, sin_BxCxK = rope.cos_sin(cfg, position_BxC)
@@ -74,12 +79,12 @@ def extend(cfg: LlamaConfig, params: dict, tokens_BxC, cache: KVCache, num_new=N
         q, k, v = attention_inputs(cfg, p, x_BxCxD, cos_BxCxK, sin_BxCxK, layer_q_scale(cfg, q_scale_BxC, index))
         k_BxTxNxK = jax.lax.dynamic_update_slice(k_BxTxNxK, k.astype(k_BxTxNxK.dtype), (0, cache.length, 0, 0))
         v_BxTxNxK = jax.lax.dynamic_update_slice(v_BxTxNxK, v.astype(v_BxTxNxK.dtype), (0, cache.length, 0, 0))
-        attn = _cached_attention(q, k_BxTxNxK, v_BxTxNxK, slot_C)
+        attn = _cached_attention(q, k_BxTxNxK, v_BxTxNxK, slot_C, cache.start_B)
         return layer_output(cfg, p, x_BxCxD, attn), (k_BxTxNxK, v_BxTxNxK)
 
     layers = (params["model"]["layers"], jnp.arange(cfg.num_hidden_layers), cache.k_LxBxTxNxK, cache.v_LxBxTxNxK)
     x_BxCxD, (k_cache, v_cache) = jax.lax.scan(layer, x_BxCxD, layers)
-    return output_logits(cfg, params, x_BxCxD), KVCache(k_cache, v_cache, cache.length + num_new)
+    return output_logits(cfg, params, x_BxCxD), KVCache(k_cache, v_cache, cache.length + num_new, cache.start_B)
 
 
 def prefill(cfg: LlamaConfig, params: dict, tokens_BxS, cache: KVCache, chunk: int = 512):
@@ -106,13 +111,23 @@ def prefill(cfg: LlamaConfig, params: dict, tokens_BxS, cache: KVCache, chunk: i
     return last, cache
 
 
+def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts of different lengths as one [B, S] array padded on the left, and each row's padding length."""
+    S = max(len(p) for p in prompts)
+    start_B = np.asarray([S - len(p) for p in prompts], np.int32)
+    return np.asarray([[pad_id] * (S - len(p)) + list(p) for p in prompts], np.int32), start_B
+
+
 def generate(cfg: LlamaConfig, params: dict, prompt_BxS, max_new_tokens: int, *, temperature: float = 0.0,
              key: jax.Array | None = None, chunk: int = 512, max_len: int | None = None,
-             stop_token: int | None = None) -> np.ndarray:
-    """Prompt plus `max_new_tokens` tokens [B, S + new]: greedy at temperature 0, else sampled with `key`."""
+             stop_token: int | None = None, start_B=None) -> np.ndarray:
+    """Prompt plus `max_new_tokens` tokens [B, S + new]: greedy at temperature 0, else sampled with `key`.
+
+    Prompts of different lengths: `left_pad` them and pass `start_B`; each row then sees only its own tokens,
+    at positions from 0, exactly as if it ran alone."""
     prompt_BxS = np.asarray(prompt_BxS, np.int32)
     B, S = prompt_BxS.shape
-    cache = init_cache(cfg, B, max_len or S + max_new_tokens)
+    cache = init_cache(cfg, B, max_len or S + max_new_tokens, start_B)
     logits_BxV, cache = prefill(cfg, params, prompt_BxS, cache, chunk)
     if temperature > 0 and key is None:
         raise ValueError("sampling (temperature > 0) needs a PRNG key")

@@ -78,3 +78,14 @@ def test_sampling_is_reproducible_and_varies_with_the_key():
     b = generate.generate(cfg, params, prompt, 16, temperature=1.0, key=jax.random.key(0))
     c = generate.generate(cfg, params, prompt, 16, temperature=1.0, key=jax.random.key(1))
     assert a.shape == (2, 21) and (a == b).all() and not (a == c).all()
+
+
+def test_left_padded_batch_equals_each_prompt_alone():
+    cfg, params = _model(**ROPES["eabf"])
+    rng = np.random.default_rng(2)
+    prompts = [list(rng.integers(3, cfg.vocab_size, n)) for n in (7, 12, 9)]
+    batch, start = generate.left_pad(prompts)
+    together = generate.generate(cfg, params, batch, 10, chunk=4, start_B=start)
+    for row, prompt in enumerate(prompts):
+        alone = generate.generate(cfg, params, np.asarray([prompt], np.int32), 10, chunk=4)
+        assert together[row, -10:].tolist() == alone[0, -10:].tolist()
