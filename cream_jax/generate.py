@@ -4,10 +4,11 @@
     logits, cache = prefill(cfg, params, prompt_BxS, cache, chunk=512)    # long prompts in chunks
     tokens = generate(cfg, params, prompt_BxS, max_new_tokens=32)          # greedy; temperature > 0 samples
 
-Slot t of the cache holds the token at absolute position t; RoPE (every scaling type) and EABF's query
-scale use that position, exactly as a full forward pass over the whole sequence does. A chunk of C new
-tokens attends to the cached slots before it and causally within itself, so the prefill of a long prompt
-needs memory for one chunk's C x max_len scores, not the prompt's S x S.
+On a mesh (`jax.set_mesh`) the cache is sharded over kv heads on the `tensor` axis and over the batch on
+`data`/`fsdp`, by the same rule table as training. Slot t of the cache holds the token at absolute position t;
+RoPE (every scaling type) and EABF's query scale use that position, exactly as a full forward pass over the
+whole sequence does. A chunk of C new tokens attends to the cached slots before it and causally within itself,
+so the prefill of a long prompt needs memory for one chunk's C x max_len scores, not the prompt's S x S.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import numpy as np
 from cream_jax import rope
 from cream_jax.config import LlamaConfig
 from cream_jax.model import attention_inputs, layer_output, layer_q_scale, output_logits
+from cream_jax.sharding import constrain
 
 _MASKED = -1e30
+CACHE_AXES = ("batch", "length", "activation_kv_heads", None)  # one layer's cache, by logical axis names
 
 
 @jax.tree_util.register_dataclass
@@ -79,6 +82,7 @@ def extend(cfg: LlamaConfig, params: dict, tokens_BxC, cache: KVCache, num_new=N
         q, k, v = attention_inputs(cfg, p, x_BxCxD, cos_BxCxK, sin_BxCxK, layer_q_scale(cfg, q_scale_BxC, index))
         k_BxTxNxK = jax.lax.dynamic_update_slice(k_BxTxNxK, k.astype(k_BxTxNxK.dtype), (0, cache.length, 0, 0))
         v_BxTxNxK = jax.lax.dynamic_update_slice(v_BxTxNxK, v.astype(v_BxTxNxK.dtype), (0, cache.length, 0, 0))
+        k_BxTxNxK, v_BxTxNxK = (constrain(x, CACHE_AXES) for x in (k_BxTxNxK, v_BxTxNxK))  # heads over `tensor`
         attn = _cached_attention(q, k_BxTxNxK, v_BxTxNxK, slot_C, cache.start_B)
         return layer_output(cfg, p, x_BxCxD, attn), (k_BxTxNxK, v_BxTxNxK)
 

@@ -89,3 +89,17 @@ def test_left_padded_batch_equals_each_prompt_alone():
     for row, prompt in enumerate(prompts):
         alone = generate.generate(cfg, params, np.asarray([prompt], np.int32), 10, chunk=4)
         assert together[row, -10:].tolist() == alone[0, -10:].tolist()
+
+
+def test_generation_on_a_mesh_shards_the_cache_over_heads():
+    from cream_jax import sharding
+
+    cfg, params = _model()
+    prompt = np.random.default_rng(3).integers(3, cfg.vocab_size, (2, 9)).astype(np.int32)
+    alone = generate.generate(cfg, params, prompt, 8, chunk=4)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 2}, jax.devices()[:2])
+    with jax.set_mesh(mesh):
+        sharded = generate.generate(cfg, params, prompt, 8, chunk=4)
+        _, cache = generate.prefill(cfg, params, prompt, generate.init_cache(cfg, 2, 16), chunk=4)
+    assert (sharded == alone).all()
+    assert cache.k_LxBxTxNxK.sharding.spec[3] == "tensor"  # [layers, batch, slots, kv heads, head_dim]
