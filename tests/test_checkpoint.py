@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cream_jax import checkpoint, sharding, train
-from cream_jax import model as model_lib
+from cream_jax import checkpoint, generate, sharding, train
 from cream_jax import train_config as tc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,10 +179,7 @@ def test_export_of_a_train_checkpoint_generates_like_transformers(straight, tmp_
     module, _ = checkpoint.load_train_params(straight)
     params = nnx.to_pure_dict(nnx.state(module, nnx.Param))
     prompt = [1, 45, 300, 12, 87, 9, 501, 33]
-    tokens = list(prompt)
-    for _ in range(32):  # greedy, recomputing the whole sequence each time
-        logits = model_lib.forward(module.config, params, np.asarray([tokens], np.int32))
-        tokens.append(int(np.argmax(np.asarray(logits)[0, -1])))
+    tokens = generate.generate(module.config, params, np.asarray([prompt], np.int32), 32)[0].tolist()
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         generated = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, min_new_tokens=32)
