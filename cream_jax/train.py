@@ -296,7 +296,7 @@ def run(c: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[str, Any
                                      offsets=tc.offsets(c), host=jax.process_index(),
                                      num_hosts=jax.process_count(), progress=lead)
     try:
-        return _train(c, workdir, setup, mesh, data, lead, tqdm)
+        return _train(c, cfg, workdir, setup, mesh, data, lead, tqdm)
     finally:
         data.batches.close()
 
@@ -378,12 +378,11 @@ def _keep_metrics_up_to(path: Path, step: int) -> None:
         path.write_text("".join(x + "\n" for x in lines))
 
 
-def _train(c, workdir: Path, setup: Setup, mesh, data, lead: bool, tqdm) -> list[dict[str, Any]]:
+def _train(c, cfg: LlamaConfig, workdir: Path, setup: Setup, mesh, data, lead: bool, tqdm) -> list[dict[str, Any]]:
     from cream_jax import checkpoint
 
     t = c.train
     tx, schedule = make_optimizer(t)
-    cfg, _ = initial_config(c)
     ckpt = checkpoint.TrainCheckpoints(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
     start, restored = 0, None
     with jax.set_mesh(mesh):

@@ -145,7 +145,34 @@ class Rows:
         return out
 
 
-class Batches:
+class _StepStream:
+    """What both batch sources share: the step of the next batch, and a state that restores it."""
+
+    fingerprint: str
+    step: int
+
+    def _check_state(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"data iterator state version {state.get('version')} != {STATE_VERSION}")
+        if state.get("fingerprint") != self.fingerprint:
+            raise DataError(f"the data iterator state belongs to another dataset or layout "
+                            f"({state.get('fingerprint')!r}, this one is {self.fingerprint!r}); resuming would "
+                            f"not continue the same batches")
+
+    def state(self) -> dict:
+        """Where the next batch starts; small and JSON-serialisable."""
+        return {"version": STATE_VERSION, "step": self.step, "fingerprint": self.fingerprint}
+
+    def restore(self, state: dict) -> None:
+        """Continue from `state` (from `state()`, e.g. out of a checkpoint)."""
+        self._check_state(state)
+        self.step = int(state["step"])
+
+    def __iter__(self):
+        return self
+
+
+class Batches(_StepStream):
     """This host's batches, step after step, computed ahead on a background thread."""
 
     def __init__(self, rows: Rows, rows_per_step: int, *, fingerprint: str = "", state: dict | None = None,
@@ -166,19 +193,9 @@ class Batches:
             self._thread.start()
 
     def restore(self, state: dict) -> None:
-        """Continue from `state` (from `state()`, e.g. out of a checkpoint)."""
-        self._check_state(state)
         self.close()
-        self.step = int(state["step"])
+        super().restore(state)
         self._start()
-
-    def _check_state(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise DataError(f"data iterator state version {state.get('version')} != {STATE_VERSION}")
-        if state.get("fingerprint") != self.fingerprint:
-            raise DataError(f"the data iterator state belongs to another dataset or layout "
-                            f"({state.get('fingerprint')!r}, this one is {self.fingerprint!r}); resuming would "
-                            f"not continue the same batches")
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         return self.rows.rows(step * self.rows_per_step, self.rows_per_step)
@@ -197,9 +214,6 @@ class Batches:
         except BaseException as e:  # surface errors in the consumer
             self._queue.put((None, e))
 
-    def __iter__(self):
-        return self
-
     def __next__(self) -> dict[str, np.ndarray]:
         if self._thread is None:
             out = self.batch(self.step)
@@ -211,10 +225,6 @@ class Batches:
         self.step += 1
         return out
 
-    def state(self) -> dict:
-        """Where the next batch starts; small and JSON-serialisable."""
-        return {"version": STATE_VERSION, "step": self.step, "fingerprint": self.fingerprint}
-
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -224,33 +234,24 @@ class Batches:
 # ----------------------------------------------------------------------------- from a train config
 
 
-class SyntheticBatches:
+class SyntheticBatches(_StepStream):
     """The synthetic Markov source (`data.source="synthetic_markov"`) behind the same interface."""
 
     def __init__(self, source, rows: slice, row_len: int, *, fingerprint: str, state: dict | None = None):
         self.source, self.host_rows, self.row_len, self.fingerprint = source, rows, row_len, fingerprint
         self.step = 0
         if state is not None:
-            Batches._check_state(self, state)
+            self._check_state(state)
             self.step = int(state["step"])
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         tokens = self.source.rows(step, self.host_rows, self.row_len)
         return {"tokens": tokens, "weights": np.ones(tokens.shape, np.float32)}
 
-    def __iter__(self):
-        return self
-
     def __next__(self):
         out = self.batch(self.step)
         self.step += 1
         return out
-
-    state = Batches.state
-
-    def restore(self, state: dict) -> None:
-        Batches._check_state(self, state)
-        self.step = int(state["step"])
 
     def close(self) -> None:
         pass
