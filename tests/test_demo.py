@@ -1,13 +1,51 @@
-"""`make demo`'s entry point runs end to end and its exports agree with transformers."""
+"""`make demo` end to end with a few steps of everything: data, pretraining, three fine-tunes, the passkey
+evaluation, the HF export answered by transformers, and the results folder."""
 
 import json
+
+import matplotlib.image
+import pytest
 
 from cream_jax import demo
 
 
-def test_demo_runs(tmp_path, capsys):
-    assert demo.main(["--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "results.json").read_text())
-    assert len(rows) == 3 and all(r["relative_logit_error"] < 1e-4 for r in rows)
-    assert (tmp_path / "eabf_theta5e5" / "modeling_eabf_llama.py").exists()
-    assert "EabfLlamaForCausalLM" in capsys.readouterr().out
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert demo.main(["--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_results_folder(quick_demo, capsys):
+    res = json.loads((quick_demo / "results.json").read_text())
+    r = demo.Recipe.quick()
+    lengths = [r.window * k for k in range(1, r.factor + 1)]
+    assert res["lengths"] == lengths
+    assert list(res["results"]) == ["unextended", f"{r.rope}, no fine-tune", "plain", "pose", "cream"]
+    for name, model in res["results"].items():
+        assert sorted(int(n) for n in model["accuracy_by_length"]) == lengths
+        assert len(model["summary"]) == len(lengths) * len(demo.DEPTHS)
+        assert model["rope"] == ("default" if name == "unextended" else r.rope)
+    for method in demo.METHODS:  # each fine-tune ran its own position method from the pretrained model
+        run = json.loads((quick_demo / "runs" / method / "config.json").read_text())
+        assert run["positions"]["method"] == method
+        assert run["model"]["init_from"].endswith("pretrain_hf")
+        assert run["train"]["window"] == r.window and run["train"]["target_length"] == r.target
+    readme = (quick_demo / "README.md").read_text()
+    assert "| cream |" in readme and "passkey.png" in readme
+    assert matplotlib.image.imread(quick_demo / "passkey.png").shape[0] > 100
+
+
+def test_hf_export_answered_by_transformers(quick_demo):
+    export = json.loads((quick_demo / "results.json").read_text())["export"]
+    assert export["model_class"] == "LlamaForCausalLM"
+    assert export["prompt_tokens"] == demo.Recipe.quick().target
+    hf_config = json.loads((quick_demo / "hf" / "config.json").read_text())
+    assert hf_config["rope_scaling"]["rope_type"] == demo.Recipe.quick().rope
+    assert (quick_demo / "hf" / "tokenizer.model").exists()
+
+
+def test_rerun_reuses_the_runs_and_refuses_another_recipe(quick_demo, capsys):
+    assert demo.main(["--quick", "--out", str(quick_demo), "--finetune-steps", "5"]) == 2
+    assert "another recipe" in capsys.readouterr().err
+    assert json.loads((quick_demo / "recipe.json").read_text())["finetune_steps"] == demo.Recipe.quick().finetune_steps

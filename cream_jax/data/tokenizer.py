@@ -120,7 +120,8 @@ def _sentences(paths: list[Path], text_key: str) -> Iterator[str]:
 
 def train(paths: list[str | os.PathLike], vocab_size: int, out_dir: str | os.PathLike, *, text_key: str = "text",
           model_type: str = "bpe", max_sentences: int = 2_000_000) -> Path:
-    """Train a Llama-style SentencePiece model (BPE, byte fallback, digits split, <unk>=0 <s>=1 </s>=2) on
+    """Train a Llama-style SentencePiece model (BPE, byte fallback, digits split and always
+    pieces, <unk>=0 <s>=1 </s>=2) on
     .txt/.jsonl files; writes out_dir/tokenizer.model. Deterministic for the same input."""
     import sentencepiece as spm
 
@@ -133,7 +134,8 @@ def train(paths: list[str | os.PathLike], vocab_size: int, out_dir: str | os.Pat
     spm.SentencePieceTrainer.Train(
         sentence_iterator=_sentences([Path(p) for p in paths], text_key), model_prefix=str(out / "tokenizer"),
         vocab_size=vocab_size, model_type=model_type, byte_fallback=True, split_digits=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=0.99995, normalization_rule_name="identity",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=0.99995, required_chars="0123456789",
+        normalization_rule_name="identity",
         remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, input_sentence_size=max_sentences,
         shuffle_input_sentence=True, num_threads=os.cpu_count() or 1, minloglevel=2)
     return model
