@@ -1,8 +1,8 @@
 """`make demo`: CREAM end to end on a CPU, from a real corpus to a passkey answered by transformers.
 
 1. Fetch Jane Austen's novels (Debian's r-cran-janeaustenr) and train a SentencePiece tokenizer on them.
-2. Pretrain a tiny Llama at window N on the novels mixed with passkey prompts of up to N tokens, in rounds,
-   until it retrieves passkeys within N.
+2. Pretrain a tiny Llama at window N on the novels mixed with passkey prompts of up to N tokens, so that it
+   learns to retrieve a passkey within N (checked, with a warning when it has not).
 3. Extend it to L = f * N with YaRN interpolation, fine-tuning at N only, three ways: plain
    positions (no extension), PoSE and CREAM. Same data, steps and learning rate for all three.
 4. Evaluate passkey retrieval at lengths N .. L and needle depths 0 .. 1 (greedy, KV cache) for the
@@ -41,11 +41,9 @@ class Recipe:
     heads: int = 8
     kv_heads: int = 4
     batch: int = 16
-    pretrain_steps: int = 1500  # the first round; then rounds of pretrain_round steps until passkey works
-    pretrain_round: int = 500
-    pretrain_max_steps: int = 4000
-    pretrain_target: float = 0.9  # passkey accuracy within N that ends pretraining
-    pretrain_lr: float = 6e-3  # constant after warmup, so that each round continues the last
+    pretrain_steps: int = 3000
+    pretrain_lr: float = 6e-3  # cosine decay to a tenth: the exact 5-digit copy appears as the rate decays
+    pretrain_target: float = 0.9  # passkey accuracy within N below which the demo warns
     finetune_steps: int = 400
     finetune_lr: float = 1e-3
     rope: str = "yarn"  # the interpolation of the fine-tunes: yarn | ntk | linear (cream_jax.rope)
@@ -59,8 +57,7 @@ class Recipe:
 
     @classmethod
     def quick(cls, **kw) -> "Recipe":
-        return cls(**{**dict(pretrain_steps=6, pretrain_round=2, pretrain_max_steps=8, finetune_steps=4, batch=8,
-                             eval_samples=1, factor=2), **kw})
+        return cls(**{**dict(pretrain_steps=6, finetune_steps=4, batch=8, eval_samples=1, factor=2), **kw})
 
 
 def log(msg: str) -> None:
@@ -138,7 +135,7 @@ def train_config(r: Recipe, tokenizer: Path, data: Path, *, method: str, init_fr
     if method == "pretrain":
         c.positions.method = "plain"
         c.model.max_position_embeddings = r.window
-        c.train.update(steps=r.pretrain_steps, lr=r.pretrain_lr, target_length=r.window, decay="constant",
+        c.train.update(steps=r.pretrain_steps, lr=r.pretrain_lr, target_length=r.window,
                        warmup_steps=min(50, r.pretrain_steps // 10))
     else:
         c.positions.method = method
@@ -151,27 +148,21 @@ def train_config(r: Recipe, tokenizer: Path, data: Path, *, method: str, init_fr
 
 
 def pretrain(r: Recipe, tok, tok_path: Path, data: Path, out: Path) -> dict:
-    """Pretrain at N until passkey retrieval within N reaches `pretrain_target` (checked on prompts that the
-    final evaluation does not use) or `pretrain_max_steps`; each round resumes the run where it stopped."""
+    """Pretrain at N, then check passkey retrieval within N on prompts that the final evaluation does not use."""
     from flax import nnx
 
     from cream_jax import checkpoint
 
-    steps, seconds = r.pretrain_steps, 0.0
-    while True:
-        c = train_config(r, tok_path, data, method="pretrain")
-        c.train.steps = steps
-        info = train(r, "pretrain", c, out)
-        seconds += info["seconds"]
-        module, done = checkpoint.load_train_params(info["run"])
-        params = nnx.to_pure_dict(nnx.state(module, nnx.Param))
-        accuracy = float(np.mean([s["accuracy"] for s in passkey_eval(module.config, params, tok, [r.window],
-                                                                          4, seed=r.seed + 3000)]))
-        log(f"pretrain: passkey accuracy within N = {r.window} after {done} steps: {accuracy:.2f} "
-            f"(target {r.pretrain_target:.2f})")
-        if accuracy >= r.pretrain_target or done >= r.pretrain_max_steps:
-            return {**info, "seconds": seconds, "steps": done, "passkey_within_window": accuracy}
-        steps = min(done + r.pretrain_round, r.pretrain_max_steps)
+    info = train(r, "pretrain", train_config(r, tok_path, data, method="pretrain"), out)
+    module, _ = checkpoint.load_train_params(info["run"])
+    params = nnx.to_pure_dict(nnx.state(module, nnx.Param))
+    summary = passkey_eval(module.config, params, tok, [r.window], 4, seed=r.seed + 3000)
+    accuracy = float(np.mean([s["accuracy"] for s in summary]))
+    log(f"pretrain: passkey accuracy within N = {r.window}: {accuracy:.2f}"
+        + ("" if accuracy >= r.pretrain_target else
+           f" (below {r.pretrain_target:.2f}: the model has not learned the task, so no extension can show; "
+           f"try --pretrain-steps {r.pretrain_steps + 1000} or another --seed)"))
+    return {**info, "steps": r.pretrain_steps, "passkey_within_window": accuracy}
 
 
 def extended_rope(r: Recipe) -> dict:
@@ -336,7 +327,7 @@ def run(r: Recipe, out: Path, methods=METHODS) -> dict:
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "README.md").write_text(
         f"# cream-jax demo: passkey retrieval after extending N = {r.window} to L = {r.target}\n\n"
-        f"Tiny Llama ({r.layers} layers, hidden {r.hidden_size}), pretrained {runs['pretrain']['steps']} steps at N on "
+        f"Tiny Llama ({r.layers} layers, hidden {r.hidden_size}), pretrained {r.pretrain_steps} steps at N on "
         f"Jane Austen + passkey prompts, then fine-tuned {r.finetune_steps} steps at N with {r.rope} "
         f"interpolation x{r.factor} and each position method (plain, PoSE, CREAM); `{no_finetune}` is the "
         f"pretrained model with that interpolation and no training. Passkey accuracy over depths "

@@ -16,7 +16,7 @@ def quick_demo(tmp_path_factory):
     return out
 
 
-def test_results_folder(quick_demo, capsys):
+def test_results_folder(quick_demo):
     res = json.loads((quick_demo / "results.json").read_text())
     r = demo.Recipe.quick()
     lengths = [r.window * k for k in range(1, r.factor + 1)]
@@ -26,10 +26,8 @@ def test_results_folder(quick_demo, capsys):
         assert sorted(int(n) for n in model["accuracy_by_length"]) == lengths
         assert len(model["summary"]) == len(lengths) * len(demo.DEPTHS)
         assert model["rope"] == ("default" if name == "unextended" else r.rope)
-    pretrain = res["results"]["unextended"]["run"]  # rounds until passkey works, here until the step cap
-    assert pretrain["steps"] == r.pretrain_max_steps and pretrain["passkey_within_window"] < r.pretrain_target
-    steps = [json.loads(x)["step"] for x in (quick_demo / "runs" / "pretrain" / "metrics.jsonl").open()]
-    assert steps == sorted(set(steps)) and steps[-1] == r.pretrain_max_steps  # each round resumed the last
+    pretrain = res["results"]["unextended"]["run"]
+    assert pretrain["steps"] == r.pretrain_steps and 0.0 <= pretrain["passkey_within_window"] <= 1.0
     for method in demo.METHODS:  # each fine-tune ran its own position method from the pretrained model
         run = json.loads((quick_demo / "runs" / method / "config.json").read_text())
         assert run["positions"]["method"] == method
