@@ -241,25 +241,21 @@ def table(results: dict, lengths, window: int) -> str:
     return "\n".join(lines)
 
 
-def heatmap(results: dict, lengths, path: Path, title: str) -> None:
+def heatmap(results: dict, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from cream_jax import evaluate
+
     fig, axes = plt.subplots(1, len(results), figsize=(3.1 * len(results) + 0.8, 3.4), sharey=True,
                              constrained_layout=True)
-    for ax, (name, res) in zip(np.atleast_1d(axes), results.items()):
-        acc = {(s["length"], s["depth"]): s["accuracy"] for s in res["summary"]}
-        grid = np.array([[acc[(n, d)] for n in lengths] for d in DEPTHS])
-        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-        ax.set_yticks(range(len(DEPTHS)), [f"{d:g}" for d in DEPTHS])
+    for i, (ax, (name, res)) in enumerate(zip(np.atleast_1d(axes), results.items())):
+        im = evaluate.passkey_heatmap(ax, res["summary"], fontsize=7)
         ax.set_title(name, fontsize=9)
-        ax.set_xlabel("prompt length")
-        for (i, j), v in np.ndenumerate(grid):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
-    np.atleast_1d(axes)[0].set_ylabel("needle depth")
+        if i:
+            ax.set_ylabel("")
     fig.colorbar(im, ax=axes, label="passkey accuracy", shrink=0.9)
     fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=110)
@@ -344,7 +340,7 @@ def run(r: Recipe, out: Path, methods=METHODS) -> dict:
     md = table(results, lengths, r.window)
     title = (f"passkey accuracy, {r.eval_samples} prompts per cell; N = {r.window}, L = {r.target}; "
              f"{r.finetune_steps} fine-tune steps at N")
-    heatmap(results, lengths, out / "passkey.png", title)
+    heatmap(results, out / "passkey.png", title)
     summary = {"recipe": dataclasses.asdict(r), "lengths": lengths, "depths": list(DEPTHS), "results": results,
                "export": export, "seconds": timings}
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -152,6 +152,22 @@ def table(task: str, summary: list[dict]) -> str:
                      + ["| " + " | ".join(map(str, row)) + " |" for row in body])
 
 
+def passkey_heatmap(ax, summary: list[dict], fontsize: int = 8):
+    """Passkey accuracy as a depth x length grid on `ax`, each cell labelled; returns the image."""
+    lengths = sorted({r["length"] for r in summary})
+    depths = sorted({r["depth"] for r in summary})
+    acc = {(r["length"], r["depth"]): r["accuracy"] for r in summary}
+    grid = np.array([[acc[(length, d)] for length in lengths] for d in depths])
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+    ax.set_xticks(range(len(lengths)), [str(x) for x in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("needle depth")
+    for (i, j), v in np.ndenumerate(grid):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=fontsize)
+    return im
+
+
 def plot(task: str, summary: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -161,17 +177,7 @@ def plot(task: str, summary: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     lengths = sorted({r["length"] for r in summary})
     if task == "passkey":
-        depths = sorted({r["depth"] for r in summary})
-        acc = {(r["length"], r["depth"]): r["accuracy"] for r in summary}
-        grid = np.array([[acc[(length, d)] for length in lengths] for d in depths])
-        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
-        ax.set_xticks(range(len(lengths)), [str(x) for x in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
-        ax.set_xlabel("prompt length (tokens)")
-        ax.set_ylabel("needle depth")
-        for (i, j), v in np.ndenumerate(grid):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
-        fig.colorbar(im, ax=ax, label="accuracy")
+        fig.colorbar(passkey_heatmap(ax, summary), ax=ax, label="accuracy")
     elif task == "kv":
         for length in lengths:
             pts = sorted((r["position"], r["accuracy"]) for r in summary if r["length"] == length)
