@@ -43,6 +43,7 @@ class Recipe:
     batch: int = 16
     pretrain_steps: int = 3000
     pretrain_lr: float = 3e-3  # cosine decay to a tenth: the exact 5-digit copy appears as the rate decays
+    pretrain_weight_decay: float = 0.1  # AdamW's: without it, whether the copy is learned in time depends on the seed
     pretrain_target: float = 0.9  # passkey accuracy within N below which pretraining goes on (one more cycle)
     anneal_steps: int = 1000  # that cycle: a fresh cosine schedule from the pretrained weights
     anneal_lr: float = 1.5e-3
@@ -140,7 +141,7 @@ def train_config(r: Recipe, tokenizer: Path, data: Path, *, method: str, init_fr
         c.positions.method = "plain"
         c.model.max_position_embeddings = r.window
         c.train.update(steps=r.pretrain_steps, lr=r.pretrain_lr, target_length=r.window,
-                       warmup_steps=min(50, r.pretrain_steps // 10))
+                       warmup_steps=min(50, r.pretrain_steps // 10), weight_decay=r.pretrain_weight_decay)
     else:
         c.positions.method = method
         c.model.max_position_embeddings = r.target

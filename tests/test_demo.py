@@ -30,11 +30,14 @@ def test_results_folder(quick_demo):
     # 6 steps do not learn the task, so one more cosine cycle ran, and the extensions start from it
     assert pretrain["steps"] == r.pretrain_steps + r.anneal_steps and pretrain["run"].endswith("pretrain_anneal")
     assert 0.0 <= pretrain["passkey_within_window"] < r.pretrain_target
+    pretrain_config = json.loads((quick_demo / "runs" / "pretrain" / "config.json").read_text())
+    assert pretrain_config["train"]["weight_decay"] == r.pretrain_weight_decay > 0
     for method in demo.METHODS:  # each fine-tune ran its own position method from the pretrained model
         run = json.loads((quick_demo / "runs" / method / "config.json").read_text())
         assert run["positions"]["method"] == method
         assert run["model"]["init_from"].endswith("pretrain_anneal_hf")
         assert run["train"]["window"] == r.window and run["train"]["target_length"] == r.target
+        assert run["train"]["weight_decay"] == 0.0
     readme = (quick_demo / "README.md").read_text()
     assert "| cream |" in readme and "passkey.png" in readme
     assert matplotlib.image.imread(quick_demo / "passkey.png").shape[0] > 100
