@@ -271,7 +271,9 @@ def export_and_answer(run: Path, tokenizer: Path, out: Path, length: int, seed: 
     import torch
     import transformers
 
-    from cream_jax import checkpoint, hf, tasks
+    from flax import nnx
+
+    from cream_jax import checkpoint, evaluate, hf, tasks
     from cream_jax.data import tokenizer as tok_lib
 
     module, _ = checkpoint.load_train_params(run)
@@ -285,8 +287,12 @@ def export_and_answer(run: Path, tokenizer: Path, out: Path, length: int, seed: 
     with torch.no_grad():
         new = model.generate(ids, max_new_tokens=tasks.answer_tokens("passkey"), do_sample=False)[0, ids.shape[1]:]
     answer = hf_tok.decode(new, skip_special_tokens=True)
+    params = nnx.to_pure_dict(nnx.state(module, nnx.Param))  # the same prompt through cream-jax: the export is faithful
+    ours = evaluate.run_generation("passkey", module.config, params, tok_lib.Tokenizer(tokenizer), [ex], batch=1,
+                                   chunk=length, progress=False)[0]["output"]
     return {"export": str(out), "model_class": type(model).__name__, "prompt_tokens": int(ids.shape[1]),
-            "expected": ex.answer, "answer": answer.strip(), "correct": tasks.score("passkey", answer, ex.answer)}
+            "expected": ex.answer, "answer": answer.strip(), "correct": tasks.score("passkey", answer, ex.answer),
+            "cream_jax_answer": ours.strip(), "agree": ours.strip() == answer.strip()}
 
 
 # ----------------------------------------------------------------------------- the job
@@ -354,11 +360,13 @@ def run(r: Recipe, out: Path, methods=METHODS) -> dict:
         f"{', '.join(f'{d:g}' for d in DEPTHS)}, {r.eval_samples} prompts each.\n\n{md}\n\n"
         f"![passkey heatmap](passkey.png)\n\n"
         f"transformers, from `hf/`, on a {export['prompt_tokens']}-token prompt: answered "
-        f"{export['answer']!r} (expected {export['expected']}).\n")
+        f"{export['answer']!r} (expected {export['expected']}); cream-jax on the same prompt: "
+        f"{export['cream_jax_answer']!r}.\n")
     log("\n" + md + "\n")
     log(f"transformers ({export['model_class']}) from {export['export']}: {export['prompt_tokens']}-token passkey "
         f"prompt -> {export['answer']!r} (expected {export['expected']}, "
-        f"{'correct' if export['correct'] else 'wrong'})")
+        f"{'correct' if export['correct'] else 'wrong'}); cream-jax on the same prompt -> "
+        f"{export['cream_jax_answer']!r} ({'the same' if export['agree'] else 'DIFFERENT'})")
     log(f"results in {out}/ (README.md, results.json, passkey.png, hf/); {timings['total'] / 60:.1f} min")
     return summary
 
