@@ -48,7 +48,7 @@ def test_hf_export_answered_by_transformers(quick_demo):
     assert export["model_class"] == "LlamaForCausalLM"
     assert export["prompt_tokens"] == demo.Recipe.quick().target
     # transformers from the export and cream-jax from the checkpoint answer the same prompt alike (greedy, fp32)
-    assert export["agree"] and export["answer"] == export["cream_jax_answer"] != ""
+    assert export["answer"] == export["cream_jax_answer"] != ""
     hf_config = json.loads((quick_demo / "hf" / "config.json").read_text())
     assert hf_config["rope_scaling"]["rope_type"] == demo.Recipe.quick().rope
     assert (quick_demo / "hf" / "tokenizer.model").exists()
