@@ -12,6 +12,9 @@ the model multiplies q by its scale before calling.
 - `blockwise`: online softmax over key/value blocks (flash attention in pure
   JAX) with its own backward pass that recomputes the blocks, so forward and
   gradient memory grow linearly in S. Blocks above the diagonal are skipped.
+  The backward is one pass over key blocks (as FlashAttention-2): each block
+  pair's probabilities are recomputed once for dq, dk and dv together.
+- `splash`: jax's Pallas TPU kernel (`splash.py`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,17 @@ def _map(fn, n: int):
     return jax.lax.map(fn, jnp.arange(n))
 
 
+def _scan(fn, init, n: int):
+    """`jax.lax.scan(fn, init, arange(n))`, or a Python loop under `unrolled_block_loops`."""
+    if _UNROLL_BLOCK_LOOPS.get():
+        ys = []
+        for i in range(n):
+            init, y = fn(init, i)
+            ys.append(y)
+        return init, jax.tree.map(lambda *xs: jnp.stack(xs), *ys)
+    return jax.lax.scan(fn, init, jnp.arange(n))
+
+
 def _fori(lower, upper, body, init):
     """`jax.lax.fori_loop`; the bounds are Python ints under `unrolled_block_loops`."""
     if _UNROLL_BLOCK_LOOPS.get():
@@ -55,12 +69,23 @@ def _fori(lower, upper, body, init):
     return jax.lax.fori_loop(lower, upper, body, init)
 
 
-def attend(q, k, v, segment_ids=None, *, backend: str = "dot_product", block_size: int = 512):
+# Block length per backend when `block_size` is 0. Pure-JAX blockwise is fastest on CPU at 128
+# (docs/bench.md: 128 against 512 halves forward + backward at S = 1024); splash tiles the TPU's MXU.
+DEFAULT_BLOCK_SIZE = {"blockwise": 128, "splash": 512}
+
+
+def block_size_for(backend: str, block_size: int = 0) -> int:
+    """`block_size`, or the resolved backend's default when it is 0."""
+    return block_size or DEFAULT_BLOCK_SIZE.get(resolve_backend(backend), 0)
+
+
+def attend(q, k, v, segment_ids=None, *, backend: str = "dot_product", block_size: int = 0):
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads.")
     if segment_ids is None:
         segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
     backend = resolve_backend(backend)
+    block_size = block_size_for(backend, block_size)
     if backend == "dot_product":
         return dot_product_attention(q, k, v, segment_ids)
     if backend == "blockwise":
@@ -68,7 +93,7 @@ def attend(q, k, v, segment_ids=None, *, backend: str = "dot_product", block_siz
     if backend == "splash":
         from cream_jax.splash import splash_attention
 
-        return splash_attention(q, k, v, segment_ids, block_size=block_size, interpret=_target_platform() != "tpu")
+        return splash_attention(q, k, v, segment_ids, block_size=block_size, interpret=target_platform() != "tpu")
     raise ValueError(f"Unknown attention backend {backend!r}; use 'auto', 'dot_product', 'blockwise' or 'splash'.")
 
 
@@ -85,14 +110,14 @@ def compiling_for(platform: str):
         _TARGET_PLATFORM.reset(token)
 
 
-def _target_platform() -> str:
+def target_platform() -> str:
     return _TARGET_PLATFORM.get() or jax.default_backend()
 
 
 def resolve_backend(backend: str) -> str:
     """`auto` is the Pallas `splash` kernel on TPU and `blockwise` elsewhere."""
     if backend == "auto":
-        return "splash" if _target_platform() == "tpu" else "blockwise"
+        return "splash" if target_platform() == "tpu" else "blockwise"
     return backend
 
 
@@ -117,7 +142,7 @@ def dot_product_attention(q_BxSxHxK, k_BxTxNxK, v_BxTxNxK, segment_ids_BxS):
     return out_BxSxNxGxK.reshape(B, S, H, K)
 
 
-def blockwise_attention(q_BxSxHxK, k_BxSxNxK, v_BxSxNxK, segment_ids_BxS, *, block_size: int = 512):
+def blockwise_attention(q_BxSxHxK, k_BxSxNxK, v_BxSxNxK, segment_ids_BxS, *, block_size: int):
     B, S, H, K = q_BxSxHxK.shape
     N = k_BxSxNxK.shape[2]
     G = H // N
@@ -194,28 +219,22 @@ def _flash_bwd(residuals, d_out):
         dp = jnp.einsum("bngqk,bnsk->bngqs", d_out[i], v[j], preferred_element_type=jnp.float32)
         return p, p * (dp - delta[i][..., None])
 
-    def dq_block(i):
-        def step(j, dq):
-            _, ds = dp_ds(i, j)
-            return dq + jnp.einsum("bngqs,bnsk->bngqk", ds, k[j], preferred_element_type=jnp.float32)
-
-        return _fori(0, i + 1, step, jnp.zeros(q.shape[1:], jnp.float32)).astype(q.dtype)
-
-    def dkv_block(j):
+    def kv_block(dq, j):
+        """Key block j's dk, dv, and its share of every later query block's dq (one pass, as FlashAttention-2)."""
         def step(i, carry):
-            dk, dv = carry
+            dq, dk, dv = carry
             p, ds = dp_ds(i, j)
             dv = dv + jnp.einsum("bngqs,bngqk->bnsk", p, d_out[i], preferred_element_type=jnp.float32)
             dk = dk + jnp.einsum("bngqs,bngqk->bnsk", ds, q[i], preferred_element_type=jnp.float32)
-            return dk, dv
+            dq = dq.at[i].add(jnp.einsum("bngqs,bnsk->bngqk", ds, k[j], preferred_element_type=jnp.float32))
+            return dq, dk, dv
 
         zeros = jnp.zeros(k.shape[1:], jnp.float32)
-        dk, dv = _fori(j, nb, step, (zeros, zeros))  # causal: query blocks j..nb-1
-        return dk.astype(k.dtype), dv.astype(v.dtype)
+        dq, dk, dv = _fori(j, nb, step, (dq, zeros, zeros))  # causal: query blocks j..nb-1
+        return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
 
-    dq = _map(dq_block, nb)
-    dk, dv = _map(dkv_block, nb)
-    return dq, dk, dv, None, None
+    dq, (dk, dv) = _scan(kv_block, jnp.zeros(q.shape, jnp.float32), nb)
+    return dq.astype(q.dtype), dk, dv, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -87,14 +87,14 @@ class Sizes:
     budget_s: float  # per train measurement; past it, fewer timed steps (>= 3)
     attn_lengths: tuple[int, ...]  # compiled (TPU) memory for both backends
     attn_time_max: dict  # backend -> longest S timed on CPU
-    attn_block: int
+    attn_block: int  # 0: blockwise's default (attention.DEFAULT_BLOCK_SIZE)
     attn_heads: int = 8
     attn_head_dim: int = 128
 
 
 FULL = Sizes(train=(TrainSize(512, 4, 1024, 2), TrainSize(1024, 8, 2048, 1)), steps=5, pairs=7, warmup=1, budget_s=600,
              attn_lengths=(1024, 2048, 4096, 8192, 16384, 32768),
-             attn_time_max={"dot_product": 8192, "blockwise": 32768}, attn_block=512)
+             attn_time_max={"dot_product": 8192, "blockwise": 32768}, attn_block=0)
 QUICK = Sizes(train=(TrainSize(128, 2, 256, 2, vocab=1024),), steps=3, pairs=3, warmup=1, budget_s=60,
               attn_lengths=(512, 1024, 2048), attn_time_max={"dot_product": 512, "blockwise": 512}, attn_block=128)
 BACKENDS = ("dot_product", "blockwise")
@@ -490,6 +490,8 @@ def _meta(sizes: Sizes, quick: bool) -> dict:
 
     import jax
 
+    from cream_jax.attention import block_size_for
+
     root = Path(__file__).resolve().parents[1]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
     cpu_model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
@@ -503,7 +505,7 @@ def _meta(sizes: Sizes, quick: bool) -> dict:
     return {"quick": quick, "commit": commit.stdout.strip() or "unknown", "cpus": os.cpu_count(),
             "cpu_model": cpu_model, "jax": jax.__version__, "torch": torch_v, "transformers": tf_v,
             "steps": sizes.steps, "warmup": sizes.warmup, "attn_heads": sizes.attn_heads,
-            "attn_head_dim": sizes.attn_head_dim, "attn_block": sizes.attn_block,
+            "attn_head_dim": sizes.attn_head_dim, "attn_block": block_size_for("blockwise", sizes.attn_block),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 

@@ -99,7 +99,7 @@ class LlamaConfig:
     param_dtype: str = "float32"  # storage (fp32 master weights under bf16 compute)
     remat: str = "none"
     attention: str = "dot_product"
-    attention_block_size: int = 512  # blockwise backend: query and key/value block length
+    attention_block_size: int = 0  # blockwise/splash block length; 0: the backend's (attention.DEFAULT_BLOCK_SIZE)
     scan_layers: bool = True
     initializer_range: float = 0.02
 
@@ -134,8 +134,9 @@ class LlamaConfig:
                               ("attention", ATTENTION_BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
-        if self.attention_block_size <= 0:
-            raise ConfigError(f"attention_block_size={self.attention_block_size} must be positive.")
+        if self.attention_block_size < 0:
+            raise ConfigError(f"attention_block_size={self.attention_block_size} must be positive "
+                              f"(or 0 for the backend's default).")
         self.rope.validate()
         self.eabf.validate(self.num_hidden_layers)
 

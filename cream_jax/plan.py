@@ -101,6 +101,12 @@ def _backend(cfg, platform: str) -> str:
         return attention.resolve_backend(cfg.attention)
 
 
+def _cost_block_size(cfg, backend: str, window: int) -> int:
+    """The attention block of the cost compiles: blockwise's loops get unrolled, so keep them few."""
+    block = attention.block_size_for(backend, cfg.attention_block_size)
+    return max(block, -(-window // _MAX_COST_BLOCKS)) if backend == "blockwise" else block
+
+
 def _cost(c, cfg, mesh, peak: float) -> tuple[float, float]:
     """(FLOPs, optimal_seconds) per device of one step, loops accounted for (see the module docstring)."""
     micro = c.copy_and_resolve_references()
@@ -108,9 +114,7 @@ def _cost(c, cfg, mesh, peak: float) -> tuple[float, float]:
     micro.train.global_batch //= accum
     micro.train.grad_accum = 1
     backend = _backend(cfg, mesh.devices.flat[0].platform)
-    block = cfg.attention_block_size
-    if backend == "blockwise":  # its block loops get unrolled: keep their number small
-        block = max(block, -(-micro.train.window // _MAX_COST_BLOCKS))
+    block = _cost_block_size(cfg, backend, micro.train.window)
     figures = []
     for layers in (1, 2):
         small = cfg.replace(num_hidden_layers=layers, scan_layers=False, attention_block_size=block,
@@ -169,7 +173,7 @@ def plan(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | 
                      "analytically (causal, 2 forward + 7 backward matmuls) and its time as those FLOPs at peak")
     else:
         notes.append(f"cost from 1- and 2-layer unrolled compiles with attention blocks of "
-                     f"{max(cfg.attention_block_size, -(-c.train.window // _MAX_COST_BLOCKS))}")
+                     f"{_cost_block_size(cfg, backend, c.train.window)}")
     return Plan(
         config=str(c.get("name", "")), topology=topology, chips=chips, method=c.positions.method,
         window=c.train.window, target=c.train.target_length, global_batch=c.train.global_batch,

@@ -45,7 +45,7 @@ def _local(q_BxSxHxK, k_BxSxNxK, v_BxSxNxK, segment_ids_BxS, block: int, interpr
     return out_BxNxGxSxK.transpose(0, 3, 1, 2, 4).reshape(B, S, H, K).astype(q_BxSxHxK.dtype)
 
 
-def splash_attention(q, k, v, segment_ids, *, block_size: int = 512, interpret: bool = False):
+def splash_attention(q, k, v, segment_ids, *, block_size: int, interpret: bool = False):
     fn = functools.partial(_local, block=block_size, interpret=interpret)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:

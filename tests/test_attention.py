@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cream_jax import attention
 from cream_jax.attention import attend
+from cream_jax.config import ConfigError, LlamaConfig
 from cream_jax.tpu import compile_for_tpu, memory
 
 
@@ -129,3 +131,14 @@ def test_auto_backend():
     assert resolve_backend("auto") == "blockwise"  # this machine has no TPU
     with compiling_for("tpu"):
         assert resolve_backend("auto") == "splash"
+
+
+def test_block_size_defaults_per_backend():
+    """0 takes the backend's own block (blockwise 128, splash 512); an explicit size wins."""
+    assert attention.block_size_for("blockwise") == 128
+    assert attention.block_size_for("splash") == 512
+    assert attention.block_size_for("blockwise", 64) == 64
+    with attention.compiling_for("tpu"):
+        assert attention.block_size_for("auto") == 512
+    with pytest.raises(ConfigError, match="attention_block_size=-1"):
+        LlamaConfig(attention_block_size=-1)

@@ -117,3 +117,31 @@ def test_sharded_forward_matches_single_device():
         tokens_sharded = jax.device_put(tokens, NamedSharding(mesh, logical_to_spec(("batch", "length"))))
         got = jax.jit(lambda p, t: forward(cfg, p, t))(sharded, tokens_sharded)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,x_shape,w_shape", [
+    ("q_proj", (2, 5, 16), (16, 4, 8)),   # one input axis, two output axes
+    ("o_proj", (2, 5, 4, 8), (4, 8, 16)),  # two input axes
+    ("down_proj", (2, 5, 24), (24, 16)),
+])
+def test_projection_is_the_same_einsum_on_cpu_and_tpu(name, x_shape, w_shape):
+    """`project` is a 2D matmul on CPU and a tensordot elsewhere (docs/bench.md, docs/plan_v5p8.md):
+    both are the einsum of the HF layout, and only the CPU form is a single rank-2 dot in the HLO."""
+    from cream_jax.attention import compiling_for
+    from cream_jax.model import project
+
+    r = np.random.default_rng(0)
+    x, w = jnp.asarray(r.standard_normal(x_shape), jnp.float32), jnp.asarray(r.standard_normal(w_shape), jnp.float32)
+    n_in = len(x_shape) - 2
+    spec = {1: "bsi,i...->bs...", 2: "bsij,ij...->bs..."}[n_in]
+    expected = jnp.einsum(spec, x, w)
+    on_cpu = project(x, w, name)
+    with compiling_for("tpu"):
+        elsewhere = project(x, w, name)
+        tpu_hlo = jax.jit(lambda x, w: project(x, w, name)).lower(x, w).as_text()
+    cpu_hlo = jax.jit(lambda x, w: project(x, w, name)).lower(x, w).as_text()
+    np.testing.assert_allclose(on_cpu, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(elsewhere, expected, rtol=1e-5, atol=1e-5)
+    assert on_cpu.shape == elsewhere.shape == expected.shape
+    assert f"tensor<{x_shape[0] * x_shape[1]}x" in cpu_hlo.split("dot_general")[1].split("->")[0]
+    assert f"tensor<{x_shape[0]}x{x_shape[1]}x" in tpu_hlo.split("dot_general")[1].split("->")[0]
