@@ -13,8 +13,10 @@ What is measured, and how:
    of `cream_jax.train` (positions "plain", AdamW + clip 1.0) on a one-device
    mesh. Theirs: `LlamaForCausalLM` with its default attention (sdpa),
    forward + loss, backward, clip 1.0, `torch.optim.AdamW`, 2 torch threads.
-   Ours runs with both attention backends, then the faster one again with
-   XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false.
+   Ours runs with both attention backends, then the faster one again under
+   each setting of `SETTINGS` (an XLA flag; glibc's transparent huge pages),
+   and transformers again under the glibc one: the ours/transformers ratio is
+   reported with both frameworks in the same environment, default or tuned.
 2. The same step with CREAM positions (window = seq, target = 4 x seq) vs
    "plain": the sampler's overhead in percent of the step time. Both steps are
    compiled in one process and called alternately on one evolving state, so a
@@ -55,6 +57,14 @@ import time
 from pathlib import Path
 
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+# glibc backs its large (mmap) allocations with transparent huge pages: XLA:CPU mallocs the step's
+# temporaries afresh each call, and faulting them in 4 KiB pages costs a tenth of a step (docs/bench.md).
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
+# Environment settings measured against the default: name -> (variables, frameworks measured with them).
+SETTINGS = {
+    "XLA_FLAGS=" + SCHEDULER_FLAG: ({"XLA_FLAGS": SCHEDULER_FLAG}, ("ours",)),
+    "GLIBC_TUNABLES=" + HUGE_PAGES: ({"GLIBC_TUNABLES": HUGE_PAGES}, ("ours", "transformers")),
+}
 RESULT_PREFIX = "BENCH_RESULT "
 MiB = 2**20
 
@@ -92,7 +102,7 @@ class Sizes:
     attn_head_dim: int = 128
 
 
-FULL = Sizes(train=(TrainSize(512, 4, 1024, 2), TrainSize(1024, 8, 2048, 1)), steps=5, pairs=7, warmup=1, budget_s=600,
+FULL = Sizes(train=(TrainSize(512, 4, 1024, 2), TrainSize(1024, 8, 2048, 1)), steps=7, pairs=7, warmup=2, budget_s=600,
              attn_lengths=(1024, 2048, 4096, 8192, 16384, 32768),
              attn_time_max={"dot_product": 8192, "blockwise": 32768}, attn_block=0)
 QUICK = Sizes(train=(TrainSize(128, 2, 256, 2, vocab=1024),), steps=3, pairs=3, warmup=1, budget_s=60,
@@ -325,11 +335,12 @@ WORKERS = {"ours": worker_ours, "cream_ab": worker_cream_ab, "torch": worker_tor
            "compiled": worker_compiled}
 
 
-def run_worker(kind: str, spec: dict, xla_flags: str = "") -> dict:
-    """Run one worker in a fresh Python process; returns its result (or {"error": ...})."""
+def run_worker(kind: str, spec: dict, env: dict | None = None) -> dict:
+    """Run one worker in a fresh Python process, with `env` added to a default environment (no XLA_FLAGS
+    or GLIBC_TUNABLES); returns its result (or {"error": ...})."""
     package_root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags,
-               PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "GLIBC_TUNABLES": "", **(env or {}),
+           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     # Run this file by path, not as `-m cream_jax.bench`: the package's __init__ imports jax and flax, which
     # must not weigh on the torch worker's memory.
     launch = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
@@ -348,14 +359,15 @@ def run_worker(kind: str, spec: dict, xla_flags: str = "") -> dict:
 
 
 def _train_row(size: TrainSize, sizes: Sizes, framework: str, attention: str, method: str = "plain",
-               xla_flags: str = "") -> dict:
-    label = f"{size.name} {framework} {attention} positions={method}" + (f" XLA_FLAGS={xla_flags}" if xla_flags else "")
+               setting: str = "") -> dict:
+    """One train-step measurement; `setting` names an entry of SETTINGS ("" = the default environment)."""
+    label = f"{size.name} {framework} {attention} positions={method}" + (f" {setting}" if setting else "")
     log(f"train step: {label} ...")
     spec = {"size": dataclasses.asdict(size), "steps": sizes.steps, "warmup": sizes.warmup,
             "budget_s": sizes.budget_s, "method": method, "attention": attention, "threads": 2}
-    result = run_worker("ours" if framework == "ours" else "torch", spec, xla_flags)
+    result = run_worker("ours" if framework == "ours" else "torch", spec, SETTINGS[setting][0] if setting else {})
     row = {"config": size.name, "framework": framework, "attention": attention, "positions": method,
-           "xla_flags": xla_flags, **result}
+           "setting": setting, **result}
     if "median_s" in result:
         row["tokens_per_s"] = size.batch * size.seq / result["median_s"]
         row["gflops_per_s"] = _flops_per_step(size) / result["median_s"] / 1e9
@@ -377,28 +389,38 @@ def _tps(row: dict) -> float:
 
 
 def bench_train(sizes: Sizes) -> dict:
-    rows, ratio, cream, flag = [], [], [], []
+    rows, ratio, cream, settings = [], [], [], []
     for size in sizes.train:
         ours = {b: _train_row(size, sizes, "ours", b) for b in BACKENDS}
         best = max(BACKENDS, key=lambda b: _tps(ours[b]))
-        theirs = _train_row(size, sizes, "transformers", "sdpa (default)")
-        theirs["attention"] = theirs.get("attn_implementation", "default")
-        flagged = _train_row(size, sizes, "ours", best, xla_flags=SCHEDULER_FLAG)
+        default = {"ours": ours[best], "transformers": _train_row(size, sizes, "transformers", "sdpa (default)")}
+        default["transformers"]["attention"] = default["transformers"].get("attn_implementation", "default")
+        rows += [ours["dot_product"], ours["blockwise"], default["transformers"]]
+        tuned = {}
+        for setting, (_, frameworks) in SETTINGS.items():
+            for framework in frameworks:
+                attention = best if framework == "ours" else default["transformers"]["attention"]
+                row = tuned[setting, framework] = _train_row(size, sizes, framework, attention, setting=setting)
+                rows.append(row)
+                base = default[framework]
+                settings.append({"config": size.name, "framework": framework, "attention": attention,
+                                 "setting": setting, "default_tokens_per_s": _tps(base),
+                                 "setting_tokens_per_s": _tps(row),
+                                 "tokens_per_s_change_pct": 100 * (_tps(row) / max(_tps(base), 1e-9) - 1),
+                                 "default_steady_peak_mib": base.get("steady_peak_mib"),
+                                 "setting_steady_peak_mib": row.get("steady_peak_mib")})
         log(f"CREAM sampler overhead: {size.name} {best}, plain and CREAM steps alternated ...")
         ab = run_worker("cream_ab", {"size": dataclasses.asdict(size), "warmup": sizes.warmup, "pairs": sizes.pairs,
                                      "attention": best})
-        rows += [ours["dot_product"], ours["blockwise"], flagged, theirs]
-        base = ours[best]
-        ratio.append({"config": size.name, "ours_attention": best, "ours_tokens_per_s": _tps(base),
-                      "transformers_tokens_per_s": _tps(theirs), "ratio": _tps(base) / max(_tps(theirs), 1e-9)})
+        both = [s for s, (_, frameworks) in SETTINGS.items() if set(frameworks) == {"ours", "transformers"}]
+        for setting in ["", *both]:  # the same environment for both frameworks
+            pair = default if not setting else {f: tuned[setting, f] for f in ("ours", "transformers")}
+            ours_tps, theirs_tps = _tps(pair["ours"]), _tps(pair["transformers"])
+            ratio.append({"config": size.name, "ours_attention": best, "setting": setting,
+                          "ours_tokens_per_s": ours_tps, "transformers_tokens_per_s": theirs_tps,
+                          "ratio": ours_tps / max(theirs_tps, 1e-9)})
         cream.append({"config": size.name, "attention": best, **ab})
-        flag.append({"config": size.name, "attention": best, "flag": SCHEDULER_FLAG,
-                     "default_tokens_per_s": _tps(base), "flag_tokens_per_s": _tps(flagged),
-                     "tokens_per_s_change_pct": 100 * (_tps(flagged) / max(_tps(base), 1e-9) - 1),
-                     "default_peak_mib": base.get("peak_mib"), "flag_peak_mib": flagged.get("peak_mib"),
-                     "default_steady_peak_mib": base.get("steady_peak_mib"),
-                     "flag_steady_peak_mib": flagged.get("steady_peak_mib")})
-    return {"train": rows, "ours_vs_transformers": ratio, "cream_overhead": cream, "scheduler_flag": flag}
+    return {"train": rows, "ours_vs_transformers": ratio, "cream_overhead": cream, "settings": settings}
 
 
 def bench_attention(sizes: Sizes, topology: str = "v5p-8") -> list[dict]:
@@ -432,15 +454,16 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def markdown(results: dict) -> str:
     train = _table(
-        ["config", "framework", "attention", "positions", "XLA_FLAGS", "tokens/s", "step s (median)", "n",
+        ["config", "framework", "attention", "positions", "environment", "tokens/s", "step s (median)", "n",
          "first call s", "GFLOP/s", "peak RSS MiB", "above baseline MiB", "steady peak MiB", "cores used", "load"],
-        [[r["config"], r["framework"], r["attention"], r["positions"], r["xla_flags"] or "-",
+        [[r["config"], r["framework"], r["attention"], r["positions"], r["setting"] or "default",
           _fmt(r.get("tokens_per_s")), _fmt(r.get("median_s"), ".3f"), r.get("n", "failed"),
           _fmt(r.get("first_call_s"), ".1f"), _fmt(r.get("gflops_per_s"), ".1f"), _fmt(r.get("peak_mib")),
           _fmt(r.get("above_baseline_mib")), _fmt(r.get("steady_peak_mib")), _fmt(r.get("cores_used"), ".2f"),
           "/".join(f"{x:.1f}" for x in r["loadavg_1min"])] for r in results["train"]])
-    ratio = _table(["config", "ours (attention)", "ours tokens/s", "transformers tokens/s", "ours / transformers"],
-                   [[r["config"], r["ours_attention"], _fmt(r["ours_tokens_per_s"]),
+    ratio = _table(["config", "environment (both)", "ours (attention)", "ours tokens/s", "transformers tokens/s",
+                    "ours / transformers"],
+                   [[r["config"], r["setting"] or "default", r["ours_attention"], _fmt(r["ours_tokens_per_s"]),
                      _fmt(r["transformers_tokens_per_s"]), _fmt(r["ratio"], ".2f")]
                     for r in results["ours_vs_transformers"]])
     cream = _table(["config", "attention", "pairs", "plain step s (median)", "CREAM step s (median)",
@@ -450,12 +473,12 @@ def markdown(results: dict) -> str:
                      " to ".join(_fmt(x, "+.1f") for x in r.get("overhead_pct_range", []))]
                     for r in results["cream_overhead"]])
 
-    flag = _table(["config", "attention", "tokens/s default", "tokens/s flag", "change %", "peak MiB default",
-                   "peak MiB flag", "steady peak MiB default", "steady peak MiB flag"],
-                  [[r["config"], r["attention"], _fmt(r["default_tokens_per_s"]), _fmt(r["flag_tokens_per_s"]),
-                    _fmt(r["tokens_per_s_change_pct"], "+.1f"), _fmt(r["default_peak_mib"]),
-                    _fmt(r["flag_peak_mib"]), _fmt(r["default_steady_peak_mib"]), _fmt(r["flag_steady_peak_mib"])]
-                   for r in results["scheduler_flag"]])
+    settings = _table(["config", "framework", "attention", "setting", "tokens/s default", "tokens/s with it",
+                       "change %", "steady peak MiB default", "steady peak MiB with it"],
+                      [[r["config"], r["framework"], r["attention"], f"`{r['setting']}`",
+                        _fmt(r["default_tokens_per_s"]), _fmt(r["setting_tokens_per_s"]),
+                        _fmt(r["tokens_per_s_change_pct"], "+.1f"), _fmt(r["default_steady_peak_mib"]),
+                        _fmt(r["setting_steady_peak_mib"])] for r in results["settings"]])
     attn = _table(["backend", "S", "CPU s per fwd+bwd", "n", "cores used", "CPU peak RSS MiB",
                    "CPU above baseline MiB", "TPU temporaries MiB"],
                   [[r["backend"], r["S"], _fmt(r.get("cpu_median_s"), ".3f") if "cpu_median_s" in r else "not timed",
@@ -475,9 +498,9 @@ def markdown(results: dict) -> str:
         "machine's 1-minute load average when the measurement started / ended; cores used: the process's CPU "
         "time over the timed steps / their wall time (2.00 = both cores; less = waiting, or other work on the "
         "cores).",
-        "## Ours / transformers (tokens/s, ours with the faster backend)", ratio,
+        "## Ours / transformers (tokens/s, ours with the faster backend, both in the same environment)", ratio,
         "## CREAM sampler overhead (window = seq, target = 4 x seq)", cream,
-        f"## XLA flag `{SCHEDULER_FLAG}` (ours)", flag,
+        "## Environment settings against the default environment", settings,
         f"## Attention alone: forward + backward, batch 1, {m['attn_heads']} heads, head_dim "
         f"{m['attn_head_dim']}, block {m['attn_block']}", attn,
         "TPU temporaries: `tpu.compile_for_tpu(..., topology='v5p-8')` + `tpu.memory(...).temporaries` "

@@ -21,7 +21,9 @@ def test_quick_run(tmp_path):
     train = r["train"]
     assert {(x["framework"], x["positions"]) for x in train} == {("ours", "plain"), ("transformers", "plain")}
     assert {x["attention"] for x in train if x["framework"] == "ours"} == set(bench.BACKENDS)
-    assert any(x["xla_flags"] == bench.SCHEDULER_FLAG for x in train)
+    assert {x["setting"] for x in train} == {"", *bench.SETTINGS}
+    assert {(x["framework"], x["setting"]) for x in train if x["setting"]} == {
+        (f, s) for s, (_, frameworks) in bench.SETTINGS.items() for f in frameworks}
     for x in train:
         assert "error" not in x, x
         for key in ("tokens_per_s", "median_s", "peak_mib", "baseline_mib", "gflops_per_s"):
@@ -29,10 +31,11 @@ def test_quick_run(tmp_path):
         assert x["peak_mib"] >= x["baseline_mib"]
     for section, keys in (("ours_vs_transformers", ("ours_tokens_per_s", "transformers_tokens_per_s", "ratio")),
                           ("cream_overhead", ("plain_median_s", "cream_median_s")),
-                          ("scheduler_flag", ("default_tokens_per_s", "flag_tokens_per_s", "flag_peak_mib"))):
+                          ("settings", ("default_tokens_per_s", "setting_tokens_per_s", "setting_steady_peak_mib"))):
         assert r[section], section
         for x in r[section]:
             assert all(x[k] > 0 for k in keys), (section, x)
+    assert {x["setting"] for x in r["ours_vs_transformers"]} == {"", "GLIBC_TUNABLES=" + bench.HUGE_PAGES}
     for x in r["cream_overhead"]:
         assert x["pairs"] == bench.QUICK.pairs and len(x["plain_s"]) == len(x["cream_s"]) == x["pairs"]
         low, high = x["overhead_pct_range"]
