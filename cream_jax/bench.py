@@ -65,6 +65,7 @@ SETTINGS = {
     "XLA_FLAGS=" + SCHEDULER_FLAG: ({"XLA_FLAGS": SCHEDULER_FLAG}, ("ours",)),
     "GLIBC_TUNABLES=" + HUGE_PAGES: ({"GLIBC_TUNABLES": HUGE_PAGES}, ("ours", "transformers")),
 }
+SHARED_SETTINGS = [name for name, (_, frameworks) in SETTINGS.items() if set(frameworks) == {"ours", "transformers"}]
 RESULT_PREFIX = "BENCH_RESULT "
 MiB = 2**20
 
@@ -412,8 +413,7 @@ def bench_train(sizes: Sizes) -> dict:
         log(f"CREAM sampler overhead: {size.name} {best}, plain and CREAM steps alternated ...")
         ab = run_worker("cream_ab", {"size": dataclasses.asdict(size), "warmup": sizes.warmup, "pairs": sizes.pairs,
                                      "attention": best})
-        both = [s for s, (_, frameworks) in SETTINGS.items() if set(frameworks) == {"ours", "transformers"}]
-        for setting in ["", *both]:  # the same environment for both frameworks
+        for setting in ["", *SHARED_SETTINGS]:  # the same environment for both frameworks
             pair = default if not setting else {f: tuned[setting, f] for f in ("ours", "transformers")}
             ours_tps, theirs_tps = _tps(pair["ours"]), _tps(pair["transformers"])
             ratio.append({"config": size.name, "ours_attention": best, "setting": setting,

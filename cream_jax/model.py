@@ -107,9 +107,9 @@ def project(x, w, name: str, preferred_element_type=None):
     policies: the einsum "bsd,dhk->bshk" for q_proj, "bshk,hkd->bsd" for o_proj, and so on.
 
     On CPU it runs as one 2D matmul of [batch x length, in] by [in, out]: XLA:CPU lays out the backward
-    pass of the 3D form with transposing copies that cost more than the matmuls they feed (15 % of a
-    train step in docs/bench.md). On TPU the 3D form compiles to a faster step (est. MFU 0.73 against
-    0.69 for Llama-2-7B on v5p-8, docs/plan_v5p8.md)."""
+    pass of the 3D form with transposing copies (forward + backward of the bench's d512 model: 3.83 s
+    with einsums, 3.14 s with 2D matmuls). On TPU the 3D form plans faster (Llama-2-7B on v5p-8: est.
+    MFU 0.730 against 0.692). Both figures are in docs/bench.md's notes."""
     w = w.astype(x.dtype)
     n_in = PROJECTION_INPUT_AXES[name]
     if target_platform() != "cpu":
