@@ -221,7 +221,7 @@ def test_restore_from_state_continues_with_identical_batches(tmp_path, bpe1000, 
         for k in want:
             np.testing.assert_array_equal(got[k], want[k])
     resumed.close()
-    with pytest.raises(DataError, match="belongs to another dataset or layout"):
+    with pytest.raises(DataError, match="belongs to another dataset or layout.*moved or edited data file"):
         pipeline.Batches(pipeline.Rows(cache, pipeline.Layout(96), seed=5), 4, fingerprint="other", state=state)
 
 
