@@ -14,7 +14,7 @@ What is measured, and how:
    mesh. Theirs: `LlamaForCausalLM` with its default attention (sdpa),
    forward + loss, backward, clip 1.0, `torch.optim.AdamW`, 2 torch threads.
    Ours runs with both attention backends, then the faster one again under
-   each setting of `SETTINGS` (an XLA flag; glibc's transparent huge pages),
+   each setting of `SETTINGS` (an XLA flag; glibc's heap reuse),
    and transformers again under the glibc one: the ours/transformers ratio is
    reported with both frameworks in the same environment, default or tuned.
 2. The same step with CREAM positions (window = seq, target = 4 x seq) vs
@@ -22,6 +22,8 @@ What is measured, and how:
    compiled in one process and called alternately on one evolving state, so a
    load change on the shared cores hits both alike; the overhead is the median
    of the per-pair time ratios (separate runs differed by +-5 % from noise).
+   Measured in the default environment and again in each shared setting,
+   where steadier steps give tighter pair ratios.
 3. `attend` alone, forward + backward (`jax.vjp` with a random cotangent),
    head_dim 128, 8 heads, batch 1, fp32: CPU wall time per call, and memory
    as the temporaries of the TPU compiler (v5p-8, ahead of time via libtpu;
@@ -57,13 +59,16 @@ import time
 from pathlib import Path
 
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-# glibc backs its large (mmap) allocations with transparent huge pages: XLA:CPU mallocs the step's
-# temporaries afresh each call, and faulting them in 4 KiB pages costs a tenth of a step (docs/bench.md).
-HUGE_PAGES = "glibc.malloc.hugetlb=1"
+# glibc keeps freed memory in one heap (one arena, no mmap'd chunks, no trimming) for the next step to reuse.
+# XLA:CPU mallocs a step's temporaries afresh each call, and by default glibc maps them fresh and unmaps them
+# after, so every step page-faults them in again (about 294,000 faults, 0.5-1.0 s of system time on d512) and
+# its time swings with the kernel's state; in this setting both frameworks step steadily (spread about 2 %
+# instead of 10-20 %). The price: the heap keeps what fragmentation leaves (our steady peak about 2x).
+HEAP_REUSE = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 # Environment settings measured against the default: name -> (variables, frameworks measured with them).
 SETTINGS = {
     "XLA_FLAGS=" + SCHEDULER_FLAG: ({"XLA_FLAGS": SCHEDULER_FLAG}, ("ours",)),
-    "GLIBC_TUNABLES=" + HUGE_PAGES: ({"GLIBC_TUNABLES": HUGE_PAGES}, ("ours", "transformers")),
+    "GLIBC_TUNABLES=" + HEAP_REUSE: ({"GLIBC_TUNABLES": HEAP_REUSE}, ("ours", "transformers")),
 }
 SHARED_SETTINGS = [name for name, (_, frameworks) in SETTINGS.items() if set(frameworks) == {"ours", "transformers"}]
 RESULT_PREFIX = "BENCH_RESULT "
@@ -359,6 +364,11 @@ def run_worker(kind: str, spec: dict, env: dict | None = None) -> dict:
 # ----------------------------------------------------------------------------- the benchmark
 
 
+def _variables(setting: str) -> dict:
+    """The environment variables of a `SETTINGS` entry ("" = the default environment: none)."""
+    return SETTINGS[setting][0] if setting else {}
+
+
 def _train_row(size: TrainSize, sizes: Sizes, framework: str, attention: str, method: str = "plain",
                setting: str = "") -> dict:
     """One train-step measurement; `setting` names an entry of SETTINGS ("" = the default environment)."""
@@ -366,7 +376,7 @@ def _train_row(size: TrainSize, sizes: Sizes, framework: str, attention: str, me
     log(f"train step: {label} ...")
     spec = {"size": dataclasses.asdict(size), "steps": sizes.steps, "warmup": sizes.warmup,
             "budget_s": sizes.budget_s, "method": method, "attention": attention, "threads": 2}
-    result = run_worker("ours" if framework == "ours" else "torch", spec, SETTINGS[setting][0] if setting else {})
+    result = run_worker("ours" if framework == "ours" else "torch", spec, _variables(setting))
     row = {"config": size.name, "framework": framework, "attention": attention, "positions": method,
            "setting": setting, **result}
     if "median_s" in result:
@@ -410,16 +420,17 @@ def bench_train(sizes: Sizes) -> dict:
                                  "tokens_per_s_change_pct": 100 * (_tps(row) / max(_tps(base), 1e-9) - 1),
                                  "default_steady_peak_mib": base.get("steady_peak_mib"),
                                  "setting_steady_peak_mib": row.get("steady_peak_mib")})
-        log(f"CREAM sampler overhead: {size.name} {best}, plain and CREAM steps alternated ...")
-        ab = run_worker("cream_ab", {"size": dataclasses.asdict(size), "warmup": sizes.warmup, "pairs": sizes.pairs,
-                                     "attention": best})
         for setting in ["", *SHARED_SETTINGS]:  # the same environment for both frameworks
             pair = default if not setting else {f: tuned[setting, f] for f in ("ours", "transformers")}
             ours_tps, theirs_tps = _tps(pair["ours"]), _tps(pair["transformers"])
             ratio.append({"config": size.name, "ours_attention": best, "setting": setting,
                           "ours_tokens_per_s": ours_tps, "transformers_tokens_per_s": theirs_tps,
                           "ratio": ours_tps / max(theirs_tps, 1e-9)})
-        cream.append({"config": size.name, "attention": best, **ab})
+            log(f"CREAM sampler overhead: {size.name} {best} {setting or 'default'}, plain and CREAM steps "
+                "alternated ...")
+            ab = run_worker("cream_ab", {"size": dataclasses.asdict(size), "warmup": sizes.warmup,
+                                         "pairs": sizes.pairs, "attention": best}, _variables(setting))
+            cream.append({"config": size.name, "attention": best, "setting": setting, **ab})
     return {"train": rows, "ours_vs_transformers": ratio, "cream_overhead": cream, "settings": settings}
 
 
@@ -466,9 +477,10 @@ def markdown(results: dict) -> str:
                    [[r["config"], r["setting"] or "default", r["ours_attention"], _fmt(r["ours_tokens_per_s"]),
                      _fmt(r["transformers_tokens_per_s"]), _fmt(r["ratio"], ".2f")]
                     for r in results["ours_vs_transformers"]])
-    cream = _table(["config", "attention", "pairs", "plain step s (median)", "CREAM step s (median)",
+    cream = _table(["config", "attention", "environment", "pairs", "plain step s (median)", "CREAM step s (median)",
                     "CREAM overhead % (median of pair ratios)", "range of pair ratios %"],
-                   [[r["config"], r["attention"], r.get("pairs", "-"), _fmt(r.get("plain_median_s"), ".3f"),
+                   [[r["config"], r["attention"], r["setting"] or "default", r.get("pairs", "-"),
+                     _fmt(r.get("plain_median_s"), ".3f"),
                      _fmt(r.get("cream_median_s"), ".3f"), _fmt(r.get("overhead_pct"), "+.1f"),
                      " to ".join(_fmt(x, "+.1f") for x in r.get("overhead_pct_range", []))]
                     for r in results["cream_overhead"]])
