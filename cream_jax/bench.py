@@ -22,8 +22,7 @@ What is measured, and how:
    compiled in one process and called alternately on one evolving state, so a
    load change on the shared cores hits both alike; the overhead is the median
    of the per-pair time ratios (separate runs differed by +-5 % from noise).
-   Measured in the default environment and again in each shared setting,
-   where steadier steps give tighter pair ratios.
+   Measured in the default environment and again in each shared setting.
 3. `attend` alone, forward + backward (`jax.vjp` with a random cotangent),
    head_dim 128, 8 heads, batch 1, fp32: CPU wall time per call, and memory
    as the temporaries of the TPU compiler (v5p-8, ahead of time via libtpu;
@@ -60,10 +59,10 @@ from pathlib import Path
 
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 # glibc keeps freed memory in one heap (one arena, no mmap'd chunks, no trimming) for the next step to reuse.
-# XLA:CPU mallocs a step's temporaries afresh each call, and by default glibc maps them fresh and unmaps them
-# after, so every step page-faults them in again (about 294,000 faults, 0.5-1.0 s of system time on d512) and
-# its time swings with the kernel's state; in this setting both frameworks step steadily (spread about 2 %
-# instead of 10-20 %). The price: the heap keeps what fragmentation leaves (our steady peak about 2x).
+# By default the large buffers of a step (XLA:CPU mallocs its temporaries afresh each call) are mapped fresh
+# and unmapped after, so every step page-faults them in again: about 294,000 faults and 0.5-1.0 s of system
+# time per d512 step. Reusing the heap made both frameworks 13-17 % faster here (docs/bench.md), at the price
+# of what fragmentation keeps resident: our steady peak grew 1.4-1.7x, transformers' 1.1-1.3x.
 HEAP_REUSE = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 # Environment settings measured against the default: name -> (variables, frameworks measured with them).
 SETTINGS = {

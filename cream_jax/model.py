@@ -109,7 +109,7 @@ def project(x, w, name: str, preferred_element_type=None):
     On CPU it runs as one 2D matmul of [batch x length, in] by [in, out]: XLA:CPU lays out the backward
     pass of the 3D form with transposing copies (forward + backward of the bench's d512 model: 3.83 s
     with einsums, 3.14 s with 2D matmuls). On TPU the 3D form plans faster (Llama-2-7B on v5p-8: est.
-    MFU 0.730 against 0.692). Both figures are in docs/bench.md's notes."""
+    MFU 0.730 against 0.692). Both are in the notes of docs/bench.md at commit 7c8a7ba."""
     w = w.astype(x.dtype)
     n_in = PROJECTION_INPUT_AXES[name]
     if target_platform() != "cpu":
