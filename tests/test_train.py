@@ -208,7 +208,8 @@ def test_two_processes_match_one(tmp_path):
 _FAULTS_PER_CYCLE = """
 import ctypes, resource, sys
 from cream_jax import train
-assert train.reuse_freed_memory() if sys.argv[1] == "reuse" else True
+if sys.argv[1] == "reuse":
+    assert train.reuse_freed_memory()
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
 def cycle(n=2**27):  # what a train step does with its temporaries: malloc, write, free
