@@ -12,4 +12,7 @@ def get_config():
     c.positions.method = "full"
     c.train.window = 32768
     c.train.global_batch = 32
+    # At 32K the attention forward is most of what full remat recomputes; keeping the kernel's output and
+    # logsumexp costs about 8 GiB per v5p chip and saves 8 % of the planned step time.
+    c.model.remat = "save_attention"
     return c

@@ -15,6 +15,9 @@ the model multiplies q by its scale before calling.
   The backward is one pass over key blocks (as FlashAttention-2): each block
   pair's probabilities are recomputed once for dq, dk and dv together.
 - `splash`: jax's Pallas TPU kernel (`splash.py`).
+
+`blockwise` and `splash` name their forward pass's output and logsumexp `RESIDUALS`: a remat policy
+that saves them (`model.remat_policy`) spares the backward pass a second forward pass.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ import contextvars
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+RESIDUALS = "attention_residuals"
 _MASKED = -1e30  # finite, so a fully masked (padding) row gives zeros, not NaN
 
 # XLA's cost analysis counts a while loop's body once, so the planner compiles a copy of the step with
@@ -206,7 +211,7 @@ def _flash(q, k, v, q_seg, kv_seg):
 
 
 def _flash_fwd(q, k, v, q_seg, kv_seg):
-    out, lse = _flash_forward(q, k, v, q_seg, kv_seg)
+    out, lse = (checkpoint_name(x, RESIDUALS) for x in _flash_forward(q, k, v, q_seg, kv_seg))
     return out, (q, k, v, q_seg, kv_seg, out, lse)
 
 

@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any
 
 ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3")
-REMAT_POLICIES = ("none", "full", "save_proj", "save_dots")
+REMAT_POLICIES = ("none", "full", "save_attention", "save_proj", "save_dots")
 ATTENTION_BACKENDS = ("auto", "dot_product", "blockwise", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 

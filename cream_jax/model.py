@@ -21,7 +21,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from cream_jax import rope
-from cream_jax.attention import attend, target_platform
+from cream_jax.attention import RESIDUALS, attend, target_platform
 from cream_jax.config import LlamaConfig
 from cream_jax.sharding import constrain
 
@@ -162,11 +162,17 @@ def decoder_layer(cfg: LlamaConfig, p: dict, x_BxSxD, cos_BxSxK, sin_BxSxK, q_sc
 
 
 def remat_policy(name: str):
-    """`full` saves nothing; `save_proj` keeps every projection's output; `save_dots` every matmul's."""
+    """What the backward pass keeps from the forward, from least to most memory: `full` nothing;
+    `save_attention` the attention's output and logsumexp (`attention.RESIDUALS`, so the blockwise or splash
+    forward does not run twice; at long lengths it is the bulk of the recomputation); `save_proj` those and
+    every projection's output; `save_dots` those and every matmul's."""
+    policies = jax.checkpoint_policies
+    attention_residuals = policies.save_only_these_names(RESIDUALS)
     return {
         "full": None,
-        "save_proj": jax.checkpoint_policies.save_only_these_names(*_SAVED_PROJECTIONS),
-        "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "save_attention": attention_residuals,
+        "save_proj": policies.save_only_these_names(*_SAVED_PROJECTIONS, RESIDUALS),
+        "save_dots": policies.save_from_both_policies(policies.dots_with_no_batch_dims_saveable, attention_residuals),
     }[name]
 
 

@@ -16,8 +16,10 @@ Traps of the compiler's cost analysis, and what is done about them: a while loop
 so the scanned layers would count as one layer and `blockwise` attention's block loops as one block pair.
 The cost figures therefore come from two extra compiles with 1 and 2 layers, unrolled, with the attention's
 block loops unrolled too (`attention.unrolled_block_loops`): cost = cost(1) + (layers - 1) x (cost(2) -
-cost(1)). Gradient accumulation's microbatch loop is scaled by its trip count. On v4 `optimal_seconds`
-comes out negative: only memory is reported there.
+cost(1)). Gradient accumulation's microbatch loop is scaled by its trip count. jax's Pallas splash kernel
+reports no cost at all: the kernel calls in those compiles are counted (under remat the forward kernel runs
+twice per layer unless a policy saves its residuals) and what they execute is added, its time at the chip's
+peak. On v4 `optimal_seconds` comes out negative: only memory is reported there.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 from cream_jax import attention, sharding, tpu, train
 from cream_jax import train_config as tc
-from cream_jax.splash import splash_flops
+from cream_jax.splash import KERNEL_MATMULS, kernel_calls, splash_flops
 
 # HBM per chip (GiB) and peak dense bf16 FLOP/s per chip.
 CHIPS = {"v4": (32, 275e12), "v5e": (16, 197e12), "v5p": (95, 459e12), "v6e": (32, 918e12)}
@@ -89,10 +92,21 @@ def _abstract_inputs(c: ml_collections.ConfigDict, cfg, mesh):
     return train.jit_train_step(setup, tx, schedule, shardings, mesh, keys), (state, batch, step)
 
 
-def compile_step(c: ml_collections.ConfigDict, cfg, mesh):
+def compile_step(c: ml_collections.ConfigDict, cfg, mesh, compiler_options: dict | None = None):
     fn, args = _abstract_inputs(c, cfg, mesh)
     with jax.set_mesh(mesh), attention.compiling_for(mesh.devices.flat[0].platform):
-        return fn.trace(*args).lower().compile()
+        return fn.trace(*args).lower().compile(compiler_options)
+
+
+def compile_step_with_hlo(c: ml_collections.ConfigDict, cfg, mesh):
+    """`compile_step` and the optimised HLO text, as the compiler itself dumps it: `compiled.as_text()`
+    fails on some TPU modules (jaxlib cannot parse back libtpu's async-update instructions)."""
+    with tempfile.TemporaryDirectory() as dump:
+        compiled = compile_step(c, cfg, mesh, {"xla_dump_to": dump, "xla_dump_hlo_as_text": True})
+        texts = list(Path(dump).glob("*jit_train_step*.after_optimizations.txt"))
+        if len(texts) != 1:
+            raise RuntimeError(f"expected one optimised HLO dump of the train step in {dump}, found {texts}")
+        return compiled, texts[0].read_text()
 
 
 def _backend(cfg, platform: str) -> str:
@@ -120,14 +134,19 @@ def _cost(c, cfg, mesh, peak: float) -> tuple[float, float]:
         small = cfg.replace(num_hidden_layers=layers, scan_layers=False, attention_block_size=block,
                             eabf=dataclasses.replace(cfg.eabf, skip_layers=()))
         with attention.unrolled_block_loops():
-            cost = compile_step(micro, small, mesh).cost_analysis()
-        figures.append((cost["flops"], cost.get("optimal_seconds", float("nan"))))
-    (f1, t1), (f2, t2) = figures
+            compiled, hlo = compile_step_with_hlo(micro, small, mesh)
+        cost = compiled.cost_analysis()
+        figures.append((cost["flops"], cost.get("optimal_seconds", float("nan")), kernel_calls(hlo)))
+    (f1, t1, k1), (f2, t2, k2) = figures
     n = cfg.num_hidden_layers
     flops, seconds = accum * (f1 + (n - 1) * (f2 - f1)), accum * (t1 + (n - 1) * (t2 - t1))
-    if backend == "splash":  # the Pallas kernel reports no cost: add what it executes, at the chip's peak
-        chips = mesh.devices.size
-        extra = splash_flops(c.train.global_batch, c.train.window, cfg.num_attention_heads, cfg.head_dim, n) / chips
+    if backend == "splash":  # the Pallas kernels report no cost: add what they execute, at the chip's peak
+        calls = {kind: accum * (k1[kind] + (n - 1) * (k2[kind] - k1[kind])) for kind in KERNEL_MATMULS}
+        if not calls["fwd"] or not calls["dq"] or not calls["dkv"]:
+            raise RuntimeError(f"found splash kernel calls {calls} in the compiled step: expected forward, dq and "
+                               f"dkv kernels; has jax renamed them? (see `splash.kernel_calls`)")
+        extra = splash_flops(calls, micro.train.global_batch / mesh.devices.size, micro.train.window,
+                             cfg.num_attention_heads, cfg.head_dim, block)
         flops, seconds = flops + extra, seconds + extra / peak
     return flops, seconds
 
@@ -149,10 +168,12 @@ def plan(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | 
     hbm, peak = CHIPS.get(family, (float("nan"), float("nan")))
 
     t0 = time.perf_counter()
-    compiled = compile_step(c, cfg, mesh)
-    compile_seconds = time.perf_counter() - t0
     if dump_hlo:
-        Path(dump_hlo).write_text(compiled.as_text())
+        compiled, hlo = compile_step_with_hlo(c, cfg, mesh)
+        Path(dump_hlo).write_text(hlo)
+    else:
+        compiled = compile_step(c, cfg, mesh)
+    compile_seconds = time.perf_counter() - t0
     mem = tpu.memory(compiled)
     gib = 2**30
     total = mem.arguments + mem.temporaries + mem.code  # outputs alias the donated state
@@ -169,8 +190,9 @@ def plan(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | 
             tps = c.train.global_batch * c.train.window / chips / seconds
     backend = _backend(cfg, devices[0].platform)
     if backend == "splash":
-        notes.append("attention is the Pallas splash kernel, which reports no cost: its FLOPs are added "
-                     "analytically (causal, 2 forward + 7 backward matmuls) and its time as those FLOPs at peak")
+        notes.append("attention is the Pallas splash kernel, which reports no cost: the kernel calls in the "
+                     "compiled step are counted and what they execute is added (causal blocks, 2 matmuls per "
+                     "forward call, 3 per dq, 4 per dkv), its time as those FLOPs at peak")
     else:
         notes.append(f"cost from 1- and 2-layer unrolled compiles with attention blocks of "
                      f"{_cost_block_size(cfg, backend, c.train.window)}")
@@ -191,7 +213,7 @@ def suggest(c: ml_collections.ConfigDict, topology: str, per_device_batch: float
     for batch in (per_device_batch, per_device_batch / 2, per_device_batch / 4):
         if batch < 1 / len(tpu.topology_devices(topology)):
             break
-        for remat in ("save_proj", "full"):
+        for remat in ("save_proj", "save_attention", "full"):
             trial = c.copy_and_resolve_references()
             trial.model.remat = remat
             try:

@@ -4,19 +4,30 @@ Causal in sequence order, segment ids for packed rows, GQA through the kernel's 
 call per kv head with its G query heads), EABF through the pre-scaled queries the model passes in.
 Pallas calls cannot be partitioned by the compiler, so under a mesh the kernel runs inside `shard_map`:
 batch over (data, fsdp), heads over tensor, as the rule table says. Off TPU it runs in Pallas's
-interpret mode (slow, for tests). The kernel reports no cost to XLA's cost analysis; the planner adds
-its FLOPs analytically (`splash_flops`).
+interpret mode (slow, for tests). The kernel reports no cost to XLA's cost analysis; the planner counts
+the kernel calls in the compiled step (`kernel_calls`) and adds what they execute (`splash_flops`).
+
+The kernel names its output and logsumexp `attention.RESIDUALS`, so a remat policy that saves that name
+keeps the backward pass from running the forward kernel a second time.
 """
 
 from __future__ import annotations
 
 import functools
+import re
+from collections import Counter
+from collections.abc import Mapping
 
 import jax
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 
+from cream_jax.attention import RESIDUALS
 from cream_jax.sharding import logical_to_spec
+
+# S x S x head_dim matmuls per (query block, kv block) pair in each kernel: forward QK^T, PV; dq: QK^T,
+# dO V^T, dS K; dkv: QK^T, dO V^T, P^T dO, dS^T Q.
+KERNEL_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
 
 
 @functools.lru_cache(maxsize=32)
@@ -26,7 +37,8 @@ def _kernel(seq_len: int, q_heads: int, block: int, interpret: bool):
                                   block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
                                   block_kv_dq=block)
     mask = mask_lib.MultiHeadMask([mask_lib.CausalMask((seq_len, seq_len)) for _ in range(q_heads)])
-    return kernel_lib.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+    return kernel_lib.make_splash_mqa_single_device(mask, block_sizes=sizes, residual_checkpoint_name=RESIDUALS,
+                                                    interpret=interpret)
 
 
 def _local(q_BxSxHxK, k_BxSxNxK, v_BxSxNxK, segment_ids_BxS, block: int, interpret: bool):
@@ -57,8 +69,20 @@ def splash_attention(q, k, v, segment_ids, *, block_size: int, interpret: bool =
         q, k, v, segment_ids)
 
 
-def splash_flops(batch: int, seq_len: int, heads: int, head_dim: int, layers: int) -> float:
-    """FLOPs the kernel executes for forward + backward, causal (half the blocks): 2 matmuls forward,
-    7 backward (dq: QK^T, dO V^T, dS K; dkv: QK^T, dO V^T, P^T dO, dS^T Q), each 2 S^2/2 x head_dim."""
-    per_matmul = 2 * seq_len * seq_len / 2 * head_dim
-    return 9 * per_matmul * heads * batch * layers
+def kernel_calls(hlo_text: str) -> Counter:
+    """How many times the compiled program calls each splash kernel (`fwd`, `dq`, `dkv`): the custom calls
+    keep the kernel's name (`splash_mqa_fwd_segmented_residuals.3 = ... custom-call(...)`). Under remat
+    the forward kernel runs twice per layer unless its residuals are saved."""
+    return Counter(re.findall(r"^\s*%?splash_m[hq]a_(fwd|dq|dkv)\w*(?:\.\d+)? = .*custom-call\(",
+                                          hlo_text, flags=re.MULTILINE))
+
+
+def splash_flops(calls: Mapping[str, int], batch: int, seq_len: int, heads: int, head_dim: int,
+                 block: int) -> float:
+    """FLOPs executed by `calls` (kernel kind -> number of calls, each over `batch` rows and all `heads`):
+    each kind's `KERNEL_MATMULS` over the causal mask's non-empty blocks, which the kernel computes whole:
+    nb (nb + 1) / 2 of nb^2 block pairs, nb = seq_len / block, a little over half."""
+    nb = -(-seq_len // min(block, seq_len))
+    pair = 2 * min(block, seq_len) ** 2 * head_dim  # one block pair of one S x S x head_dim matmul
+    per_matmul = pair * nb * (nb + 1) / 2 * heads * batch
+    return sum(KERNEL_MATMULS[kind] * n * per_matmul for kind, n in calls.items())

@@ -1,5 +1,8 @@
 """blockwise vs dot_product: values, gradients, masking, and memory that grows linearly in S."""
 
+import contextlib
+import io
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,6 +126,28 @@ def test_splash_interpret_matches_dot_product(H, N, packed):
     for g, r in zip(jax.grad(loss("splash"), argnums=(0, 1, 2))(q, k, v),
                     jax.grad(loss("dot_product"), argnums=(0, 1, 2))(q, k, v)):
         assert rel(g, r) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", ["blockwise", "splash"])
+def test_remat_policies_save_the_attention_residuals(backend):
+    """Policies that save `attention.RESIDUALS` keep the forward pass's output and logsumexp, so the backward
+    pass does not run the attention forward again; gradients are unchanged."""
+    from cream_jax.model import remat_policy
+
+    q, k, v = qkv(5, 1, 256, 4, 2, 64)
+    seg = packed_segments(1, 256, seed=2)
+    loss = lambda q, k, v: jnp.sum(attend(q, k, v, seg, backend=backend, block_size=128) ** 2)  # noqa: E731
+    ref = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    for policy in ("full", "save_attention", "save_proj", "save_dots"):
+        remat = jax.checkpoint(loss, policy=remat_policy(policy))
+        with contextlib.redirect_stdout(io.StringIO()) as saved:
+            jax.ad_checkpoint.print_saved_residuals(remat, q, k, v)
+        saved = saved.getvalue()  # splash's named values leave its jitted call: they show as its outputs
+        named = sum(saved.count(s) for s in ("named 'attention_residuals'", "jitted function '_splash_attention'"))
+        assert named == (0 if policy == "full" else 2), (policy, saved)  # the output and its logsumexp
+    got = jax.grad(jax.checkpoint(loss, policy=remat_policy("save_attention")), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(got, ref):
+        assert rel(g, r) <= 1e-5
 
 
 def test_auto_backend():

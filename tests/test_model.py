@@ -95,7 +95,7 @@ def test_scan_equals_unrolled_and_remat_keeps_gradients():
         return jax.grad(lambda p: forward(cfg.replace(**kw), p, tokens).std())(params)
 
     ref = grads(scan_layers=False)
-    for kw in (dict(), dict(remat="full"), dict(remat="save_proj"), dict(remat="save_dots")):
+    for kw in (dict(), *(dict(remat=r) for r in ("full", "save_attention", "save_proj", "save_dots"))):
         for g, r in zip(jax.tree.leaves(grads(**kw)), jax.tree.leaves(ref)):
             np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
 

@@ -70,7 +70,7 @@ def test_dynamic_ntk_beyond_max_position_embeddings(tmp_path):
                           hf_logits(hf, tokens, positions)) > 1e-3  # the dynamic branch really ran
 
 
-@pytest.mark.parametrize("remat", ["full", "save_proj", "save_dots"])
+@pytest.mark.parametrize("remat", ["full", "save_attention", "save_proj", "save_dots"])
 def test_scan_and_remat(tmp_path, remat):
     hf = random_hf_llama(tmp_path, num_hidden_layers=3)
     ours = cream_jax.load_hf(tmp_path, progress=False, remat=remat, scan_layers=True)

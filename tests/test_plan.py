@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cream_jax import attention, plan, sharding, tpu
+from cream_jax import attention, plan, sharding, splash, tpu
 from cream_jax import train_config as tc
 from test_train import ROOT
 
@@ -43,6 +43,26 @@ def test_flop_accounting_through_scans_and_block_loops(remat):
     assert p.fits and p.step_seconds > 0 and 0 < p.mfu < 1
 
 
+def test_splash_kernels_are_counted_as_compiled():
+    """The Pallas kernel reports no cost, so the planner counts its calls in the compiled step: under full
+    remat the forward kernel runs twice per layer, once when `save_attention` keeps its residuals."""
+    plans, calls = {}, {}
+    for remat in ("full", "save_attention"):
+        c = tiny_plan_config(remat=remat)
+        c.model.attention, c.model.attention_block_size = "splash", 128
+        c.train.window = 256  # two blocks: 3 of the 4 block pairs are causal
+        plans[remat] = plan.plan(c, "v5p-8")
+        mesh = sharding.make_mesh(dict(c.mesh), tpu.topology_devices("v5p-8"))
+        _, hlo = plan.compile_step_with_hlo(c, tc.model_config(c).replace(scan_layers=False), mesh)
+        calls[remat] = dict(splash.kernel_calls(hlo))
+    assert calls == {"full": {"fwd": 6, "dq": 3, "dkv": 3}, "save_attention": {"fwd": 3, "dq": 3, "dkv": 3}}
+    # By hand: 3 layers x (QK^T, PV) x 3 causal block pairs x 2*128*128*head_dim(8) x 4 heads x 1 row per chip.
+    forward_kernels = 3 * 2 * 3 * (2 * 128 * 128 * 8) * 4 * 1
+    saved = plans["full"].compiler_flops_per_step - plans["save_attention"].compiler_flops_per_step
+    assert saved == pytest.approx(forward_kernels, rel=0.01)
+    assert plans["save_attention"].temporaries_gib > plans["full"].temporaries_gib
+
+
 def test_cli_prints_the_table_and_writes_json(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     run = subprocess.run([sys.executable, "-m", "cream_jax.plan", f"--config={ROOT / 'configs' / 'tiny_cream.py'}",
@@ -69,4 +89,4 @@ def test_suggests_a_remat_policy_that_fits(monkeypatch):
     monkeypatch.setitem(plan.CHIPS, "v5p", (capacity, 459e12))
     assert not plan.plan(c, "v5p-8", per_device_batch=8, with_cost=False).fits
     remat, batch = plan.suggest(c, "v5p-8", per_device_batch=8)
-    assert remat in ("save_proj", "full") and batch == 8
+    assert remat in ("save_proj", "save_attention", "full") and batch == 8
