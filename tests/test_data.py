@@ -2,6 +2,7 @@
 SFT loss masks, and the errors that must come before training."""
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -117,6 +118,16 @@ def test_local_files_become_a_tfds_array_record_dataset(tmp_path):
     assert [sources.document_text(src[i], "text") for i in range(3)] == ["first document\nwith two lines",
                                                                           "second", "third"]
     assert sources.build_tfds(paths, tmp_path / "tfds") == (name, data_dir)  # built once per content
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for p in paths:
+        shutil.copy(p, moved / p.name)
+    same = sources.resolve_files(f"{moved / 'a.txt'},{moved / 'b.jsonl'}")
+    assert sources.files_fingerprint(same, "text", False) == sources.files_fingerprint(paths, "text", False)
+    assert sources.files_fingerprint(same[::-1], "text", False) != sources.files_fingerprint(paths, "text", False)
+    (moved / "a.jsonl").write_bytes((moved / "a.txt").read_bytes())  # same bytes, read another way
+    assert sources.files_fingerprint([moved / "a.jsonl"], "text", False) != \
+        sources.files_fingerprint([moved / "a.txt"], "text", False)
 
 
 # ----------------------------------------------------------------------------- packing and batches
@@ -221,7 +232,7 @@ def test_restore_from_state_continues_with_identical_batches(tmp_path, bpe1000, 
         for k in want:
             np.testing.assert_array_equal(got[k], want[k])
     resumed.close()
-    with pytest.raises(DataError, match="belongs to another dataset or layout.*moved or edited data file"):
+    with pytest.raises(DataError, match="belongs to another dataset or layout.*edited, added or reordered data file"):
         pipeline.Batches(pipeline.Rows(cache, pipeline.Layout(96), seed=5), 4, fingerprint="other", state=state)
 
 
@@ -279,6 +290,25 @@ def test_documents_shorter_than_the_window_for_offsets(tmp_path):
     c.data.drop_short = True
     history = train.run(c, tmp_path / "run")
     assert len(history) == 2 and np.isfinite(history[-1]["loss"])
+
+
+def test_a_moved_run_folder_resumes(tmp_path):
+    """Local files count by content, not path: a run folder moved with its data resumes (the demo keeps its
+    corpus in its output folder)."""
+    def config(folder, steps):
+        c = _real(folder, source="files", files=str(folder / "data" / "docs.jsonl"), packing="document")
+        c.train.steps = steps
+        return c
+
+    first = tmp_path / "first"
+    (first / "data").mkdir(parents=True)
+    docs = [f"Letter {i}. " + "A long letter about the weather. " * 40 for i in range(12)]
+    (first / "data" / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    train.run(config(first, 2), first / "run")
+    moved = tmp_path / "moved"
+    shutil.move(first, moved)
+    history = train.run(config(moved, 3), moved / "run")
+    assert [h["step"] for h in history] == [3]
 
 
 def test_chat_data_trains_on_answers(tmp_path):

@@ -157,8 +157,8 @@ class _StepStream:
         if state.get("fingerprint") != self.fingerprint:
             raise DataError(f"the data iterator state belongs to another dataset or layout "
                             f"({state.get('fingerprint')!r}, this one is {self.fingerprint!r}); resuming would "
-                            f"not continue the same batches. Local files count by absolute path and content, "
-                            f"so a moved or edited data file is another dataset: point data.files at the "
+                            f"not continue the same batches. Local files count by content, in order, so an "
+                            f"edited, added or reordered data file is another dataset: point data.files at the "
                             f"files the run was started on")
 
     def state(self) -> dict:

@@ -73,9 +73,11 @@ def read_documents(paths: Sequence[Path], text_key: str = "text", chat: bool = F
 
 
 def files_fingerprint(paths: Sequence[Path], text_key: str, chat: bool) -> str:
+    """The files' contents in order, and their suffixes (which decide how each is read), not where they lie:
+    a run folder copied or moved with its data resumes on the same dataset."""
     h = hashlib.sha256(f"{text_key}|{chat}".encode())
     for p in paths:
-        h.update(str(p.resolve()).encode())
+        h.update(f"|{p.suffix.lower()}|".encode())
         h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()[:16]
 
