@@ -508,12 +508,17 @@ def main(argv=None) -> int:
     flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
     flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() with no arguments (TPU pods)")
+    flags.DEFINE_bool("reuse_freed_memory", False, "CPU runs: glibc keeps freed memory for the next step "
+                      "(steps 13-17 % faster here, steady peak memory 1.4-1.7x; see train.reuse_freed_memory)")
     flags.mark_flags_as_required(["config", "workdir"])
 
     def _main(_):
         from absl import logging
 
         f = flags.FLAGS
+        if f.reuse_freed_memory and not reuse_freed_memory():  # first: before jax starts threads
+            print("warning: --reuse_freed_memory needs glibc's mallopt; this C library does not take it",
+                  file=sys.stderr)
         if not f["verbosity"].present:
             logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file at INFO
         sharding.init_distributed(f.coordinator_address, f.num_processes, f.process_id, force=f.distributed)

@@ -36,7 +36,8 @@ attempt=0
 # config or data error: relaunching would not help.
 while true; do
   rc=0
-  "$PY" -m cream_jax.train --config="$CONFIG" --workdir="$WORKDIR" "${EXTRA[@]}" || rc=$?
+  # --reuse_freed_memory: on CPU glibc keeps each step's freed buffers for the next (faster, more resident memory)
+  "$PY" -m cream_jax.train --config="$CONFIG" --workdir="$WORKDIR" --reuse_freed_memory "${EXTRA[@]}" || rc=$?
   if [[ "$rc" == 0 ]] && finished; then break; fi
   if [[ "$rc" == 2 ]]; then exit 2; fi
   attempt=$((attempt + 1))
