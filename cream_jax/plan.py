@@ -20,12 +20,16 @@ cost(1)). Gradient accumulation's microbatch loop is scaled by its trip count. j
 reports no cost at all: the kernel calls in those compiles are counted (under remat the forward kernel runs
 twice per layer unless a policy saves its residuals) and what they execute is added, its time at the chip's
 peak. On v4 `optimal_seconds` comes out negative: only memory is reported there.
+
+libtpu refuses to compile a step whose temporaries exceed HBM; such a plan does not fit, with the
+temporaries the compiler named, and gets a suggestion like any other that does not fit.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import tempfile
 import time
@@ -61,10 +65,10 @@ class Plan:
     remat: str
     attention: str
     hbm_capacity_gib: float
-    arguments_gib: float
-    temporaries_gib: float
-    code_gib: float
-    total_gib: float
+    arguments_gib: float | None  # None (and fits False) where the compiler refused the step for HBM
+    temporaries_gib: float | None
+    code_gib: float | None
+    total_gib: float | None
     fits: bool
     model_flops_per_step: float
     compiler_flops_per_step: float | None
@@ -168,18 +172,30 @@ def plan(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | 
     hbm, peak = CHIPS.get(family, (float("nan"), float("nan")))
 
     t0 = time.perf_counter()
-    if dump_hlo:
-        compiled, hlo = compile_step_with_hlo(c, cfg, mesh)
-        Path(dump_hlo).write_text(hlo)
-    else:
-        compiled = compile_step(c, cfg, mesh)
+    try:
+        if dump_hlo:
+            compiled, hlo = compile_step_with_hlo(c, cfg, mesh)
+            Path(dump_hlo).write_text(hlo)
+        else:
+            compiled = compile_step(c, cfg, mesh)
+    except jax.errors.JaxRuntimeError as e:  # libtpu refuses a step whose temporaries exceed HBM
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        compiled, oom = None, str(e).splitlines()[0]
+        notes.append(f"the TPU compiler refused the step: {oom}")
     compile_seconds = time.perf_counter() - t0
-    mem = tpu.memory(compiled)
     gib = 2**30
-    total = mem.arguments + mem.temporaries + mem.code  # outputs alias the donated state
+    if compiled is not None:
+        mem = tpu.memory(compiled)
+        arguments, temporaries, code = mem.arguments / gib, mem.temporaries / gib, mem.code / gib
+        total = arguments + temporaries + code  # outputs alias the donated state
+    else:
+        needed = re.search(r"HLO temporaries \(([\d.]+)G\)", oom)  # XLA's G: GiB
+        arguments = code = total = None
+        temporaries = float(needed.group(1)) if needed else None
     model_flops = train.flops_per_token(cfg, c.train.window) * c.train.global_batch * c.train.window / chips
     flops = seconds = mfu = tps = None
-    if with_cost:
+    if with_cost and compiled is not None:
         flops, seconds = _cost(c, cfg, mesh, peak)
         if not seconds > 0:
             notes.append(f"the compiler's optimal_seconds is {seconds:.3g} on {family}: time, MFU and tokens/s "
@@ -189,19 +205,19 @@ def plan(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | 
             mfu = model_flops / (seconds * peak)
             tps = c.train.global_batch * c.train.window / chips / seconds
     backend = _backend(cfg, devices[0].platform)
-    if backend == "splash":
+    if flops is not None and backend == "splash":
         notes.append("attention is the Pallas splash kernel, which reports no cost: the kernel calls in the "
                      "compiled step are counted and what they execute is added (causal blocks, 2 matmuls per "
                      "forward call, 3 per dq, 4 per dkv), its time as those FLOPs at peak")
-    else:
+    elif flops is not None:
         notes.append(f"cost from 1- and 2-layer unrolled compiles with attention blocks of "
                      f"{_cost_block_size(cfg, backend, c.train.window)}")
     return Plan(
         config=str(c.get("name", "")), topology=topology, chips=chips, method=c.positions.method,
         window=c.train.window, target=c.train.target_length, global_batch=c.train.global_batch,
         per_device_batch=c.train.global_batch / chips, remat=cfg.remat, attention=backend,
-        hbm_capacity_gib=hbm, arguments_gib=mem.arguments / gib, temporaries_gib=mem.temporaries / gib,
-        code_gib=mem.code / gib, total_gib=total / gib, fits=total / gib <= hbm,
+        hbm_capacity_gib=hbm, arguments_gib=arguments, temporaries_gib=temporaries, code_gib=code,
+        total_gib=total, fits=total is not None and total <= hbm,
         model_flops_per_step=model_flops, compiler_flops_per_step=flops,
         remat_overhead=None if flops is None else flops / model_flops, step_seconds=seconds, mfu=mfu,
         tokens_per_s_per_chip=tps, seconds_per_trained_token_per_chip=None if tps is None else 1 / tps,

@@ -73,16 +73,16 @@ def kernel_calls(hlo_text: str) -> Counter:
     """How many times the compiled program calls each splash kernel (`fwd`, `dq`, `dkv`): the custom calls
     keep the kernel's name (`splash_mqa_fwd_segmented_residuals.3 = ... custom-call(...)`). Under remat
     the forward kernel runs twice per layer unless its residuals are saved."""
-    return Counter(re.findall(r"^\s*%?splash_m[hq]a_(fwd|dq|dkv)\w*(?:\.\d+)? = .*custom-call\(",
-                                          hlo_text, flags=re.MULTILINE))
+    call = r"^\s*%?splash_m[hq]a_(fwd|dq|dkv)\w*(?:\.\d+)? = .*custom-call\("
+    return Counter(re.findall(call, hlo_text, flags=re.MULTILINE))
 
 
 def splash_flops(calls: Mapping[str, int], batch: int, seq_len: int, heads: int, head_dim: int,
                  block: int) -> float:
-    """FLOPs executed by `calls` (kernel kind -> number of calls, each over `batch` rows and all `heads`):
+    """FLOPs executed by `calls` (kernel kind -> number of calls, each over `batch` rows of `heads` heads):
     each kind's `KERNEL_MATMULS` over the causal mask's non-empty blocks, which the kernel computes whole:
     nb (nb + 1) / 2 of nb^2 block pairs, nb = seq_len / block, a little over half."""
     nb = -(-seq_len // min(block, seq_len))
-    pair = 2 * min(block, seq_len) ** 2 * head_dim  # one block pair of one S x S x head_dim matmul
+    pair = 2 * min(block, seq_len) ** 2 * head_dim  # one matmul over one (query block, kv block) pair
     per_matmul = pair * nb * (nb + 1) / 2 * heads * batch
     return sum(KERNEL_MATMULS[kind] * n * per_matmul for kind, n in calls.items())
