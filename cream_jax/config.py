@@ -10,7 +10,8 @@ import dataclasses
 from typing import Any
 
 ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3")
-REMAT_POLICIES = ("none", "full", "save_attention", "save_proj", "save_dots")
+# From the least recomputation (and most memory) to the most; `model.remat_policy` says what each keeps.
+REMAT_POLICIES = ("none", "save_dots", "save_proj", "save_attention", "full")
 ATTENTION_BACKENDS = ("auto", "dot_product", "blockwise", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -1,7 +1,7 @@
 """Plan a run before renting the TPUs: compile the real train step for a TPU topology on this machine.
 
     python -m cream_jax.plan --config=configs/llama2_7b_cream_32k.py --topology=v5p-8 --per_device_batch=4 \\
-        [--baseline=configs/llama2_7b_pi_full_32k.py] [--json=plan.json] [--dump_hlo=step.hlo]
+        [--baseline=configs/llama2_7b_pi_full_32k.py] [--search=all] [--json=plan.json] [--dump_hlo=step.hlo]
 
 The step is `cream_jax.train.jit_train_step`, the function training runs, compiled from abstract shapes
 with their shardings through libtpu (no weights allocated). It reports:
@@ -10,13 +10,19 @@ with their shardings through libtpu (no weights allocated). It reports:
   against the chip's capacity;
 - model FLOPs per step (`train.flops_per_token`: causal attention counted half, remat not counted) and the
   compiler's FLOPs, whose ratio shows the rematerialisation overhead;
-- the compiler's step-time estimate (`optimal_seconds`), the MFU and tokens/s/chip it implies.
+- the compiler's step-time estimate (`optimal_seconds`), the MFU and tokens/s/chip it implies (only for a
+  step that fits).
+
+A step that does not fit gets a suggestion that keeps the global batch: a remat policy and a number of
+microbatches (`train.grad_accum`). `--search` plans every remat policy at the fewest microbatches that fit
+and ranks them by estimated cost per trained token, the fastest first, with the flags that select it.
 
 Traps of the compiler's cost analysis, and what is done about them: a while loop's body is counted once,
 so the scanned layers would count as one layer and `blockwise` attention's block loops as one block pair.
 The cost figures therefore come from two extra compiles with 1 and 2 layers, unrolled, with the attention's
 block loops unrolled too (`attention.unrolled_block_loops`): cost = cost(1) + (layers - 1) x (cost(2) -
-cost(1)). Gradient accumulation's microbatch loop is scaled by its trip count. jax's Pallas splash kernel
+cost(1)). Gradient accumulation's microbatch loop is scaled by its trip count (the optimizer update, which
+runs once per step, is then counted once per microbatch: a small overestimate). jax's Pallas splash kernel
 reports no cost at all: the kernel calls in those compiles are counted (under remat the forward kernel runs
 twice per layer unless a policy saves its residuals) and what they execute is added, its time at the chip's
 peak. On v4 `optimal_seconds` comes out negative: only memory is reported there.
@@ -33,6 +39,7 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +50,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cream_jax import attention, sharding, tpu, train
+from cream_jax.config import REMAT_POLICIES
 from cream_jax import train_config as tc
 from cream_jax.splash import KERNEL_MATMULS, kernel_calls, splash_flops
 
@@ -62,6 +70,7 @@ class Plan:
     target: int
     global_batch: int
     per_device_batch: float
+    grad_accum: int  # microbatches per step: each chip holds per_device_batch / grad_accum sequences at once
     remat: str
     attention: str
     hbm_capacity_gib: float
@@ -194,9 +203,10 @@ def plan(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | 
         needed = re.search(r"HLO temporaries \(([\d.]+)G\)", oom)  # XLA's G: GiB
         arguments = code = total = None
         temporaries = float(needed.group(1)) if needed else None
+    fits = total is not None and total <= hbm
     model_flops = train.flops_per_token(cfg, c.train.window) * c.train.global_batch * c.train.window / chips
     flops = seconds = mfu = tps = None
-    if with_cost and compiled is not None:
+    if with_cost and fits:
         flops, seconds = _cost(c, cfg, mesh, peak)
         if not seconds > 0:
             notes.append(f"the compiler's optimal_seconds is {seconds:.3g} on {family}: time, MFU and tokens/s "
@@ -211,34 +221,100 @@ def plan(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | 
                      "compiled step are counted and what they execute is added (causal blocks, 2 matmuls per "
                      "forward call, 3 per dq, 4 per dkv), its time as those FLOPs at peak")
     elif flops is not None:
-        notes.append(f"cost from 1- and 2-layer unrolled compiles with attention blocks of "
-                     f"{_cost_block_size(cfg, backend, c.train.window)}")
+        blocks = (f" with attention blocks of {_cost_block_size(cfg, backend, c.train.window)}"
+                  if backend == "blockwise" else "")
+        notes.append(f"cost from 1- and 2-layer unrolled compiles{blocks}")
     return Plan(
         config=str(c.get("name", "")), topology=topology, chips=chips, method=c.positions.method,
         window=c.train.window, target=c.train.target_length, global_batch=c.train.global_batch,
-        per_device_batch=c.train.global_batch / chips, remat=cfg.remat, attention=backend,
-        hbm_capacity_gib=hbm, arguments_gib=arguments, temporaries_gib=temporaries, code_gib=code,
-        total_gib=total, fits=total is not None and total <= hbm,
+        per_device_batch=c.train.global_batch / chips, grad_accum=c.train.grad_accum, remat=cfg.remat,
+        attention=backend, hbm_capacity_gib=hbm, arguments_gib=arguments, temporaries_gib=temporaries,
+        code_gib=code, total_gib=total, fits=fits,
         model_flops_per_step=model_flops, compiler_flops_per_step=flops,
         remat_overhead=None if flops is None else flops / model_flops, step_seconds=seconds, mfu=mfu,
         tokens_per_s_per_chip=tps, seconds_per_trained_token_per_chip=None if tps is None else 1 / tps,
         compile_seconds=compile_seconds, notes=notes)
 
 
-def suggest(c: ml_collections.ConfigDict, topology: str, per_device_batch: float) -> tuple[str, float] | None:
-    """The first (remat policy, per-device batch) that fits, trying cheaper recomputation first."""
-    for batch in (per_device_batch, per_device_batch / 2, per_device_batch / 4):
-        if batch < 1 / len(tpu.topology_devices(topology)):
-            break
+def _accumulations(c: ml_collections.ConfigDict, chips: int) -> list[int]:
+    """grad_accum values that keep the global batch and give every chip a whole number of sequences per
+    microbatch, fewest microbatches first."""
+    batch = c.train.global_batch
+    return [a for a in range(1, batch + 1) if batch % a == 0 and (batch // a) % chips == 0] or [1]
+
+
+def _variant(c: ml_collections.ConfigDict, remat: str, accum: int) -> ml_collections.ConfigDict:
+    trial = c.copy_and_resolve_references()
+    trial.model.remat, trial.train.grad_accum = remat, accum
+    return trial
+
+
+def _with_batch(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | None):
+    c = c.copy_and_resolve_references()
+    chips = len(tpu.topology_devices(topology))
+    if per_device_batch:
+        c.train.global_batch = int(per_device_batch * chips)
+    return c, chips
+
+
+def suggest(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | None = None
+            ) -> tuple[str, int] | None:
+    """A (remat policy, grad_accum) that fits at the same global batch: fewest microbatches first, then
+    the cheapest recomputation that fits (memory only: no cost compiles). None if nothing fits."""
+    c, chips = _with_batch(c, topology, per_device_batch)
+    for accum in _accumulations(c, chips):
         for remat in ("save_proj", "save_attention", "full"):
-            trial = c.copy_and_resolve_references()
-            trial.model.remat = remat
+            if (remat, accum) == (c.model.remat, c.train.grad_accum):
+                continue  # the plan being fixed
             try:
-                if plan(trial, topology, batch, with_cost=False).fits:
-                    return remat, batch
+                if plan(_variant(c, remat, accum), topology, with_cost=False).fits:
+                    return remat, accum
             except (tc.ConfigError, sharding.MeshError):
                 continue
     return None
+
+
+def search(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | None = None,
+           policies: tuple[str, ...] = REMAT_POLICIES, progress: Callable[[str], None] | None = None
+           ) -> list[Plan]:
+    """Each remat policy at its fewest microbatches that fit (same global batch), costed, fastest per
+    trained token first; a policy that fits at no grad_accum comes last, as its plan at the most
+    microbatches. Compiles the step once per (policy, grad_accum) tried, plus the cost compiles."""
+    unknown = set(policies) - set(REMAT_POLICIES)
+    if unknown:
+        raise tc.ConfigError(f"unknown remat policies {sorted(unknown)} to search: choose from {REMAT_POLICIES}")
+    c, chips = _with_batch(c, topology, per_device_batch)
+    found = []
+    for remat in policies:
+        p = None
+        for accum in _accumulations(c, chips):
+            if progress:
+                progress(f"{remat}, grad_accum={accum}")
+            try:
+                p = plan(_variant(c, remat, accum), topology)
+            except (tc.ConfigError, sharding.MeshError):
+                continue
+            if p.fits:
+                break
+        if p is not None:
+            found.append(p)
+    return sorted(found, key=lambda p: (not p.fits, p.seconds_per_trained_token_per_chip or float("inf")))
+
+
+def override_flags(p: Plan) -> str:
+    return f"--config.model.remat={p.remat} --config.train.grad_accum={p.grad_accum}"
+
+
+def search_table(plans: list[Plan]) -> str:
+    lines = ["| remat | grad_accum | sequences / chip / microbatch | HBM total | fits | est. step time | est. MFU "
+             "| est. us per trained token per chip |", "|---|---|---|---|---|---|---|---|"]
+    for p in plans:
+        us = p.seconds_per_trained_token_per_chip
+        total = _fmt(p.total_gib, " GiB") if p.total_gib is not None else f">{_fmt(p.temporaries_gib, ' GiB')}"
+        lines.append(f"| {p.remat} | {p.grad_accum} | {p.per_device_batch / p.grad_accum:g} | {total} | "
+                     f"{_fmt(p.fits)} | {_fmt(p.step_seconds, ' s')} | {_fmt(p.mfu, '', 3)} | "
+                     f"{'n/a' if us is None else f'{us * 1e6:.1f}'} |")
+    return "\n".join(lines)
 
 
 def _fmt(value: Any, unit: str = "", digits: int = 2) -> str:
@@ -254,7 +330,8 @@ def _fmt(value: Any, unit: str = "", digits: int = 2) -> str:
 def table(plans: list[Plan]) -> str:
     rows = [
         ("config", "config", ""), ("positions", "method", ""), ("window N / target L", None, ""),
-        ("per-device batch", "per_device_batch", ""), ("remat / attention", None, ""),
+        ("per-device batch", "per_device_batch", ""), ("grad accumulation (microbatches)", "grad_accum", ""),
+        ("remat / attention", None, ""),
         ("HBM arguments", "arguments_gib", " GiB"), ("HBM temporaries", "temporaries_gib", " GiB"),
         ("HBM code", "code_gib", " GiB"), ("HBM total", "total_gib", " GiB"),
         ("HBM capacity", "hbm_capacity_gib", " GiB"), ("fits", "fits", ""),
@@ -283,6 +360,17 @@ def table(plans: list[Plan]) -> str:
     return "\n".join(lines)
 
 
+def _ratio_line(cream: Plan, baseline: Plan) -> str | None:
+    if not (cream.seconds_per_trained_token_per_chip and baseline.seconds_per_trained_token_per_chip):
+        return None
+    ratio = cream.seconds_per_trained_token_per_chip / baseline.seconds_per_trained_token_per_chip
+    flops_ratio = (cream.model_flops_per_step / (cream.per_device_batch * cream.window)) / (
+        baseline.model_flops_per_step / (baseline.per_device_batch * baseline.window))
+    return (f"{cream.config} ({cream.remat}, grad_accum {cream.grad_accum}) costs {ratio:.2f}x of {baseline.config} "
+            f"({baseline.remat}, grad_accum {baseline.grad_accum}) per trained token (model FLOPs per token "
+            f"alone: {flops_ratio:.2f}x).")
+
+
 def main(argv=None) -> int:
     from absl import app, flags
     from ml_collections import config_flags
@@ -292,21 +380,32 @@ def main(argv=None) -> int:
     flags.DEFINE_float("per_device_batch", None, "sequences per chip (sets train.global_batch)")
     flags.DEFINE_string("baseline", None, "a second recipe (e.g. configs/llama2_7b_pi_full_32k.py) planned beside")
     flags.DEFINE_float("baseline_per_device_batch", 1.0, "sequences per chip for the baseline")
-    flags.DEFINE_string("json", None, "write the plans as JSON here")
+    flags.DEFINE_list("search", None, "'all' or some of the remat policies: also plan each at the fewest "
+                      "microbatches (train.grad_accum) that fit at the same global batch, and rank them by "
+                      "estimated cost per trained token (a few compiles per policy: minutes for a 7B model)")
+    flags.DEFINE_string("json", None, "write the plans as JSON here (each with its role: plan, baseline, search, "
+                        "baseline search)")
     flags.DEFINE_string("dump_hlo", None, "write the optimised HLO of the step here")
     flags.mark_flags_as_required(["config"])
 
     def _main(_):
         f = flags.FLAGS
+        recipes = [(f.config, Path(flags.FLAGS["config"].config_filename).stem, f.per_device_batch, "plan")]
+        plans, searches = [], {}
         try:
-            c = f.config
-            with c.unlocked():
-                c.name = Path(flags.FLAGS["config"].config_filename).stem
-            plans = [plan(c, f.topology, f.per_device_batch, f.dump_hlo)]
+            with f.config.unlocked():
+                f.config.name = recipes[0][1]
             if f.baseline:
                 b = tc.load_config(f.baseline)
                 b.name = Path(f.baseline).stem
-                plans.append(plan(b, f.topology, f.baseline_per_device_batch))
+                recipes.append((b, b.name, f.baseline_per_device_batch, "baseline"))
+            for c, _, batch, role in recipes:
+                plans.append(plan(c, f.topology, batch, f.dump_hlo if role == "plan" else None))
+            if f.search:
+                policies = REMAT_POLICIES if f.search == ["all"] else tuple(f.search)
+                for c, name, batch, role in recipes:
+                    searches[role] = search(c, f.topology, batch, policies, progress=lambda what, name=name: print(
+                        f"searching {name}: {what}", file=sys.stderr, flush=True))
         except (tc.ConfigError, sharding.MeshError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -314,20 +413,30 @@ def main(argv=None) -> int:
         for p in plans:
             for note in p.notes:
                 print(f"note ({p.config}): {note}")
-        if len(plans) == 2 and all(p.seconds_per_trained_token_per_chip for p in plans):
-            ratio = plans[0].seconds_per_trained_token_per_chip / plans[1].seconds_per_trained_token_per_chip
-            flops_ratio = (plans[0].model_flops_per_step / (plans[0].per_device_batch * plans[0].window)) / (
-                plans[1].model_flops_per_step / (plans[1].per_device_batch * plans[1].window))
-            print(f"\n{plans[0].config} costs {ratio:.2f}x of {plans[1].config} per trained token "
-                  f"(model FLOPs per token alone: {flops_ratio:.2f}x).")
-        for p in plans:
-            if not p.fits:
-                s = suggest(c if p is plans[0] else b, f.topology, p.per_device_batch)
-                print(f"{p.config} does not fit: " + (f"try --config.model.remat={s[0]} with per-device batch "
-                                                      f"{s[1]:g}" if s else "no remat/batch choice fits; use "
-                                                      "more chips"))
+        if len(plans) == 2 and (line := _ratio_line(*plans)):
+            print("\n" + line)
+        for (c, _, _, _), p in zip(recipes, plans):
+            if not p.fits and not f.search:
+                s = suggest(c, f.topology, p.per_device_batch)
+                print(f"{p.config} does not fit: " + (
+                    f"try --config.model.remat={s[0]} --config.train.grad_accum={s[1]} "
+                    f"({p.per_device_batch / s[1]:g} sequences per chip per microbatch, global batch "
+                    f"{p.global_batch} kept), or --search=all to rank every choice that fits" if s else
+                    "no remat policy fits at any grad_accum; use more chips"))
+        for role, found in searches.items():
+            name = found[0].config
+            print(f"\nSearch for {name} on {f.topology} (global batch {found[0].global_batch}), fastest first:")
+            print(search_table(found))
+            best = found[0]
+            print(f"fastest for {name}: {override_flags(best)}" if best.fits else
+                  f"{name}: no remat policy fits at any grad_accum; use more chips")
+        if len(searches) == 2 and (line := _ratio_line(searches["plan"][0], searches["baseline"][0])):
+            print("\nFastest against fastest: " + line)
         if f.json:
-            Path(f.json).write_text(json.dumps([dataclasses.asdict(p) for p in plans], indent=2))
+            rows = [{**dataclasses.asdict(p), "role": role} for p, (_, _, _, role) in zip(plans, recipes)]
+            rows += [{**dataclasses.asdict(p), "role": "search" if role == "plan" else "baseline search"}
+                     for role, found in searches.items() for p in found]
+            Path(f.json).write_text(json.dumps(rows, indent=2))
         return 0
 
     app.run(lambda argv: sys.exit(_main(argv)), argv=argv)

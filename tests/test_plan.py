@@ -1,5 +1,6 @@
 """The TPU planner: compiles the real step for a topology and accounts FLOPs through loops correctly."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -67,19 +68,27 @@ def test_cli_prints_the_table_and_writes_json(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     run = subprocess.run([sys.executable, "-m", "cream_jax.plan", f"--config={ROOT / 'configs' / 'tiny_cream.py'}",
                           "--topology=v5e-4", "--config.train.global_batch=4", f"--json={tmp_path / 'plan.json'}",
-                          f"--dump_hlo={tmp_path / 'step.hlo'}"], env=env, capture_output=True, text=True)
+                          f"--dump_hlo={tmp_path / 'step.hlo'}", "--search=full"], env=env, capture_output=True,
+                         text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
     assert "| HBM total |" in out and "| est. MFU |" in out
-    (p,) = json.loads((tmp_path / "plan.json").read_text())
-    assert p["topology"] == "v5e-4" and p["chips"] == 4 and p["fits"]
+    assert "fastest for tiny_cream: --config.model.remat=full --config.train.grad_accum=1" in out
+    p, searched = json.loads((tmp_path / "plan.json").read_text())
+    assert p["topology"] == "v5e-4" and p["chips"] == 4 and p["fits"] and p["role"] == "plan"
+    assert searched["role"] == "search" and searched["remat"] == "full" and searched["step_seconds"] > 0
     assert "HloModule" in (tmp_path / "step.hlo").read_text()[:200]
 
 
-def test_suggests_a_remat_policy_that_fits(monkeypatch):
+def _small_chip_config():
     c = tiny_plan_config(remat="none")
     c.model.hidden_size, c.model.intermediate_size = 128, 512
     c.train.window, c.train.target_length = 512, 2048
+    return c
+
+
+def test_suggests_a_remat_policy_that_fits(monkeypatch):
+    c = _small_chip_config()
     none = plan.plan(c, "v5p-8", per_device_batch=8, with_cost=False)
     c_full = c.copy_and_resolve_references()
     c_full.model.remat = "full"
@@ -87,8 +96,40 @@ def test_suggests_a_remat_policy_that_fits(monkeypatch):
     assert full.temporaries_gib < none.temporaries_gib
     capacity = (full.total_gib + none.total_gib) / 2  # a chip on which only recomputation fits
     monkeypatch.setitem(plan.CHIPS, "v5p", (capacity, 459e12))
-    remat, batch = plan.suggest(c, "v5p-8", per_device_batch=8)
-    assert remat in ("save_proj", "save_attention", "full") and batch == 8
+    remat, accum = plan.suggest(c, "v5p-8", per_device_batch=8)
+    assert remat in ("save_proj", "save_attention", "full") and accum == 1
+
+
+def test_search_keeps_the_global_batch_and_ranks_what_fits(monkeypatch):
+    """The search's bookkeeping, on a stand-in for `plan` (the CLI test runs the real one): each policy at
+    its fewest microbatches that fit, the global batch kept, choices the config rejects skipped, a policy
+    that never fits last, the rest fastest first."""
+    per_sequence_gib = {"none": 4.0, "save_dots": 3.0, "save_proj": 2.0, "save_attention": 20.0, "full": 1.0}
+    speed = {"none": 1.0, "save_dots": 1.02, "save_proj": 1.1, "save_attention": 1.2, "full": 1.3}
+    tried = []
+
+    def fake_plan(c, topology, per_device_batch=None, dump_hlo=None, with_cost=True):
+        assert per_device_batch is None and c.train.global_batch == 32  # kept, not changed per choice
+        remat, accum = c.model.remat, c.train.grad_accum
+        tried.append((remat, accum))
+        if (remat, accum) == ("save_proj", 1):
+            raise tc.ConfigError("rejected")
+        microbatch = 32 / accum / 4
+        fits = per_sequence_gib[remat] * microbatch <= 10
+        cost = speed[remat] * (1 + 0.01 * accum) if fits else None
+        fields = {f.name: None for f in dataclasses.fields(plan.Plan)}
+        return plan.Plan(**{**fields, "config": "x", "remat": remat, "grad_accum": accum, "fits": fits,
+                            "global_batch": 32, "per_device_batch": 8.0, "seconds_per_trained_token_per_chip": cost})
+
+    monkeypatch.setattr(plan, "plan", fake_plan)
+    found = plan.search(tiny_plan_config(), "v5p-8", per_device_batch=8)
+    assert [(p.remat, p.grad_accum) for p in found] == [
+        ("none", 4), ("save_dots", 4), ("save_proj", 2), ("full", 1), ("save_attention", 8)]
+    assert not found[-1].fits and all(p.fits for p in found[:-1])
+    assert tried.count(("none", 1)) == tried.count(("save_attention", 8)) == 1 and ("full", 2) not in tried
+    assert plan.override_flags(found[0]) == "--config.model.remat=none --config.train.grad_accum=4"
+    with pytest.raises(tc.ConfigError, match="save_everything"):
+        plan.search(tiny_plan_config(), "v5p-8", policies=("save_everything",))
 
 
 def test_a_step_the_compiler_refuses_for_hbm_is_a_plan_that_does_not_fit():
