@@ -73,6 +73,7 @@ class Plan:
     grad_accum: int  # microbatches per step: each chip holds per_device_batch / grad_accum sequences at once
     remat: str
     attention: str
+    attention_kernel_calls: dict | None  # splash: kernel calls per step ({fwd, dq, dkv}), from the cost compiles
     hbm_capacity_gib: float
     arguments_gib: float | None  # None (and fits False) where the compiler refused the step for HBM
     temporaries_gib: float | None
@@ -134,8 +135,9 @@ def _cost_block_size(cfg, backend: str, window: int) -> int:
     return max(block, -(-window // _MAX_COST_BLOCKS)) if backend == "blockwise" else block
 
 
-def _cost(c, cfg, mesh, peak: float) -> tuple[float, float]:
-    """(FLOPs, optimal_seconds) per device of one step, loops accounted for (see the module docstring)."""
+def _cost(c, cfg, mesh, peak: float) -> tuple[float, float, dict | None]:
+    """(FLOPs, optimal_seconds) per device of one step, loops accounted for (see the module docstring), and
+    the splash kernel calls per step ({fwd, dq, dkv}: count) where attention is splash."""
     micro = c.copy_and_resolve_references()
     accum = micro.train.grad_accum
     micro.train.global_batch //= accum
@@ -154,6 +156,7 @@ def _cost(c, cfg, mesh, peak: float) -> tuple[float, float]:
     (f1, t1, k1), (f2, t2, k2) = figures
     n = cfg.num_hidden_layers
     flops, seconds = accum * (f1 + (n - 1) * (f2 - f1)), accum * (t1 + (n - 1) * (t2 - t1))
+    calls = None
     if backend == "splash":  # the Pallas kernels report no cost: add what they execute, at the chip's peak
         calls = {kind: accum * (k1[kind] + (n - 1) * (k2[kind] - k1[kind])) for kind in KERNEL_MATMULS}
         if not all(calls.values()):
@@ -162,7 +165,7 @@ def _cost(c, cfg, mesh, peak: float) -> tuple[float, float]:
         extra = splash_flops(calls, micro.train.global_batch / mesh.devices.size, micro.train.window,
                              cfg.num_attention_heads, cfg.head_dim, block)
         flops, seconds = flops + extra, seconds + extra / peak
-    return flops, seconds
+    return flops, seconds, calls
 
 
 def plan(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | None = None,
@@ -205,9 +208,9 @@ def plan(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | 
         temporaries = float(needed.group(1)) if needed else None
     fits = total is not None and total <= hbm
     model_flops = train.flops_per_token(cfg, c.train.window) * c.train.global_batch * c.train.window / chips
-    flops = seconds = mfu = tps = None
+    flops = seconds = mfu = tps = kernel_calls_per_step = None
     if with_cost and fits:
-        flops, seconds = _cost(c, cfg, mesh, peak)
+        flops, seconds, kernel_calls_per_step = _cost(c, cfg, mesh, peak)
         if not seconds > 0:
             notes.append(f"the compiler's optimal_seconds is {seconds:.3g} on {family}: time, MFU and tokens/s "
                          f"are not reported")
@@ -228,8 +231,8 @@ def plan(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | 
         config=str(c.get("name", "")), topology=topology, chips=chips, method=c.positions.method,
         window=c.train.window, target=c.train.target_length, global_batch=c.train.global_batch,
         per_device_batch=c.train.global_batch / chips, grad_accum=c.train.grad_accum, remat=cfg.remat,
-        attention=backend, hbm_capacity_gib=hbm, arguments_gib=arguments, temporaries_gib=temporaries,
-        code_gib=code, total_gib=total, fits=fits,
+        attention=backend, attention_kernel_calls=kernel_calls_per_step, hbm_capacity_gib=hbm,
+        arguments_gib=arguments, temporaries_gib=temporaries, code_gib=code, total_gib=total, fits=fits,
         model_flops_per_step=model_flops, compiler_flops_per_step=flops,
         remat_overhead=None if flops is None else flops / model_flops, step_seconds=seconds, mfu=mfu,
         tokens_per_s_per_chip=tps, seconds_per_trained_token_per_chip=None if tps is None else 1 / tps,

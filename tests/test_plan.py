@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cream_jax import attention, plan, sharding, splash, tpu
+from cream_jax import attention, plan, sharding, tpu
 from cream_jax import train_config as tc
 from test_train import ROOT
 
@@ -35,9 +35,9 @@ def test_flop_accounting_through_scans_and_block_loops(remat):
     mesh = sharding.make_mesh(dict(c.mesh), tpu.topology_devices("v5p-8"))
     with attention.unrolled_block_loops():
         full = plan.compile_step(c, cfg.replace(scan_layers=False), mesh).cost_analysis()["flops"]
-    scanned = plan.compile_step(c, cfg, mesh).cost_analysis()["flops"]
     assert p.compiler_flops_per_step == pytest.approx(full, rel=0.01)
-    assert scanned < 0.6 * full  # the trap: loop bodies counted once
+    if remat == "none":  # the trap: loop bodies counted once (once is enough)
+        assert plan.compile_step(c, cfg, mesh).cost_analysis()["flops"] < 0.6 * full
     # model FLOPs (causal attention, no remat) vs what the compiler runs
     expected_overhead = (1.0, 1.15) if remat == "none" else (1.2, 1.5)
     assert expected_overhead[0] * 0.9 < p.remat_overhead < expected_overhead[1]
@@ -47,16 +47,15 @@ def test_flop_accounting_through_scans_and_block_loops(remat):
 def test_splash_kernels_are_counted_as_compiled():
     """The Pallas kernel reports no cost, so the planner counts its calls in the compiled step: under full
     remat the forward kernel runs twice per layer, once when `save_attention` keeps its residuals."""
-    plans, calls = {}, {}
+    plans = {}
     for remat in ("full", "save_attention"):
         c = tiny_plan_config(remat=remat)
         c.model.attention, c.model.attention_block_size = "splash", 128
         c.train.window = 256  # two blocks: 3 of the 4 block pairs are causal
         plans[remat] = plan.plan(c, "v5p-8")
-        mesh = sharding.make_mesh(dict(c.mesh), tpu.topology_devices("v5p-8"))
-        _, hlo = plan.compile_step_with_hlo(c, tc.model_config(c).replace(scan_layers=False), mesh)
-        calls[remat] = dict(splash.kernel_calls(hlo))
-    assert calls == {"full": {"fwd": 6, "dq": 3, "dkv": 3}, "save_attention": {"fwd": 3, "dq": 3, "dkv": 3}}
+    # 3 layers, each one forward, dq and dkv call, plus a second forward under full remat
+    assert plans["full"].attention_kernel_calls == {"fwd": 6, "dq": 3, "dkv": 3}
+    assert plans["save_attention"].attention_kernel_calls == {"fwd": 3, "dq": 3, "dkv": 3}
     # By hand: 3 layers x (QK^T, PV) x 3 causal block pairs x 2*128*128*head_dim(8) x 4 heads x 1 row per chip.
     forward_kernels = 3 * 2 * 3 * (2 * 128 * 128 * 8) * 4 * 1
     saved = plans["full"].compiler_flops_per_step - plans["save_attention"].compiler_flops_per_step
@@ -98,6 +97,15 @@ def test_suggests_a_remat_policy_that_fits(monkeypatch):
     monkeypatch.setitem(plan.CHIPS, "v5p", (capacity, 459e12))
     remat, accum = plan.suggest(c, "v5p-8", per_device_batch=8)
     assert remat in ("save_proj", "save_attention", "full") and accum == 1
+
+
+def test_a_plan_that_does_not_fit_is_not_costed(monkeypatch):
+    monkeypatch.setitem(plan.CHIPS, "v5p", (1e-6, 459e12))
+    monkeypatch.setattr(plan, "_cost", lambda *a: pytest.fail("cost compiles for a step that cannot run"))
+    c = tiny_plan_config()
+    c.model.attention = "dot_product"
+    p = plan.plan(c, "v5p-8")
+    assert not p.fits and p.step_seconds is None and p.mfu is None
 
 
 def test_search_keeps_the_global_batch_and_ranks_what_fits(monkeypatch):
