@@ -239,11 +239,11 @@ def plan(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | 
         compile_seconds=compile_seconds, notes=notes)
 
 
-def _accumulations(c: ml_collections.ConfigDict, chips: int) -> list[int]:
-    """grad_accum values that keep the global batch and give every chip a whole number of sequences per
-    microbatch, fewest microbatches first."""
+def _accumulations(c: ml_collections.ConfigDict) -> list[int]:
+    """grad_accum values that keep the global batch (its divisors), fewest microbatches first; the config
+    check rejects those whose microbatch does not split evenly over the mesh's batch shards."""
     batch = c.train.global_batch
-    return [a for a in range(1, batch + 1) if batch % a == 0 and (batch // a) % chips == 0] or [1]
+    return [a for a in range(1, batch + 1) if batch % a == 0]
 
 
 def _variant(c: ml_collections.ConfigDict, remat: str, accum: int) -> ml_collections.ConfigDict:
@@ -254,18 +254,17 @@ def _variant(c: ml_collections.ConfigDict, remat: str, accum: int) -> ml_collect
 
 def _with_batch(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | None):
     c = c.copy_and_resolve_references()
-    chips = len(tpu.topology_devices(topology))
     if per_device_batch:
-        c.train.global_batch = int(per_device_batch * chips)
-    return c, chips
+        c.train.global_batch = int(per_device_batch * len(tpu.topology_devices(topology)))
+    return c
 
 
 def suggest(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | None = None
             ) -> tuple[str, int] | None:
     """A (remat policy, grad_accum) that fits at the same global batch: fewest microbatches first, then
     the cheapest recomputation that fits (memory only: no cost compiles). None if nothing fits."""
-    c, chips = _with_batch(c, topology, per_device_batch)
-    for accum in _accumulations(c, chips):
+    c = _with_batch(c, topology, per_device_batch)
+    for accum in _accumulations(c):
         for remat in ("save_proj", "save_attention", "full"):
             if (remat, accum) == (c.model.remat, c.train.grad_accum):
                 continue  # the plan being fixed
@@ -286,11 +285,11 @@ def search(c: ml_collections.ConfigDict, topology: str, per_device_batch: float 
     unknown = set(policies) - set(REMAT_POLICIES)
     if unknown:
         raise tc.ConfigError(f"unknown remat policies {sorted(unknown)} to search: choose from {REMAT_POLICIES}")
-    c, chips = _with_batch(c, topology, per_device_batch)
+    c = _with_batch(c, topology, per_device_batch)
     found = []
     for remat in policies:
         p = None
-        for accum in _accumulations(c, chips):
+        for accum in _accumulations(c):
             if progress:
                 progress(f"{remat}, grad_accum={accum}")
             try:
@@ -426,14 +425,17 @@ def main(argv=None) -> int:
                     f"({p.per_device_batch / s[1]:g} sequences per chip per microbatch, global batch "
                     f"{p.global_batch} kept), or --search=all to rank every choice that fits" if s else
                     "no remat policy fits at any grad_accum; use more chips"))
-        for role, found in searches.items():
-            name = found[0].config
-            print(f"\nSearch for {name} on {f.topology} (global batch {found[0].global_batch}), fastest first:")
-            print(search_table(found))
-            best = found[0]
-            print(f"fastest for {name}: {override_flags(best)}" if best.fits else
+        for (_, name, _, role), p in zip(recipes, plans):
+            if role not in searches:
+                continue
+            found = searches[role]
+            print(f"\nSearch for {name} on {f.topology} (global batch {p.global_batch}), fastest first:")
+            if found:
+                print(search_table(found))
+            print(f"fastest for {name}: {override_flags(found[0])}" if found and found[0].fits else
                   f"{name}: no remat policy fits at any grad_accum; use more chips")
-        if len(searches) == 2 and (line := _ratio_line(searches["plan"][0], searches["baseline"][0])):
+        if len(searches) == 2 and all(found and found[0].fits for found in searches.values()) and (
+                line := _ratio_line(searches["plan"][0], searches["baseline"][0])):
             print("\nFastest against fastest: " + line)
         if f.json:
             rows = [{**dataclasses.asdict(p), "role": role} for p, (_, _, _, role) in zip(plans, recipes)]
