@@ -168,13 +168,19 @@ def _cost(c, cfg, mesh, peak: float) -> tuple[float, float, dict | None]:
     return flops, seconds, calls
 
 
+def _with_batch(c: ml_collections.ConfigDict, chips: int, per_device_batch: float | None):
+    """A copy of `c`, with `per_device_batch` sequences per chip if given (it sets train.global_batch)."""
+    c = c.copy_and_resolve_references()
+    if per_device_batch:
+        c.train.global_batch = int(per_device_batch * chips)
+    return c
+
+
 def plan(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | None = None,
          dump_hlo: str | None = None, with_cost: bool = True) -> Plan:
     devices = tpu.topology_devices(topology)
     chips = len(devices)
-    c = c.copy_and_resolve_references()
-    if per_device_batch:
-        c.train.global_batch = int(per_device_batch * chips)
+    c = _with_batch(c, chips, per_device_batch)
     notes = []
     cfg = tc.validate(c, num_devices=chips) or tc.model_config(c)
     if c.model.init_from:
@@ -252,18 +258,13 @@ def _variant(c: ml_collections.ConfigDict, remat: str, accum: int) -> ml_collect
     return trial
 
 
-def _with_batch(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | None):
-    c = c.copy_and_resolve_references()
-    if per_device_batch:
-        c.train.global_batch = int(per_device_batch * len(tpu.topology_devices(topology)))
-    return c
 
 
 def suggest(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | None = None
             ) -> tuple[str, int] | None:
     """A (remat policy, grad_accum) that fits at the same global batch: fewest microbatches first, then
     the cheapest recomputation that fits (memory only: no cost compiles). None if nothing fits."""
-    c = _with_batch(c, topology, per_device_batch)
+    c = _with_batch(c, len(tpu.topology_devices(topology)), per_device_batch)
     for accum in _accumulations(c):
         for remat in ("save_proj", "save_attention", "full"):
             if (remat, accum) == (c.model.remat, c.train.grad_accum):
@@ -285,7 +286,7 @@ def search(c: ml_collections.ConfigDict, topology: str, per_device_batch: float 
     unknown = set(policies) - set(REMAT_POLICIES)
     if unknown:
         raise tc.ConfigError(f"unknown remat policies {sorted(unknown)} to search: choose from {REMAT_POLICIES}")
-    c = _with_batch(c, topology, per_device_batch)
+    c = _with_batch(c, len(tpu.topology_devices(topology)), per_device_batch)
     found = []
     for remat in policies:
         p = None
@@ -417,9 +418,9 @@ def main(argv=None) -> int:
                 print(f"note ({p.config}): {note}")
         if len(plans) == 2 and (line := _ratio_line(*plans)):
             print("\n" + line)
-        for (c, _, _, _), p in zip(recipes, plans):
+        for (c, _, batch, _), p in zip(recipes, plans):
             if not p.fits and not f.search:
-                s = suggest(c, f.topology, p.per_device_batch)
+                s = suggest(c, f.topology, batch)
                 print(f"{p.config} does not fit: " + (
                     f"try --config.model.remat={s[0]} --config.train.grad_accum={s[1]} "
                     f"({p.per_device_batch / s[1]:g} sequences per chip per microbatch, global batch "
