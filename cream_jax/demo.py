@@ -51,6 +51,7 @@ class Recipe:
     finetune_lr: float = 1e-3
     rope: str = "yarn"  # the interpolation of the fine-tunes: yarn | ntk | linear (cream_jax.rope)
     passkey_fraction: float = 0.8  # of the training rows
+    novels: int = 6  # the first k of the corpus's six novels (the quick run reads one)
     eval_samples: int = 8  # passkey prompts per (length, depth) cell
     seed: int = 0
 
@@ -61,7 +62,7 @@ class Recipe:
     @classmethod
     def quick(cls, **kw) -> "Recipe":
         return cls(**{**dict(pretrain_steps=6, anneal_steps=2, finetune_steps=4, batch=8, eval_samples=1,
-                             factor=2), **kw})
+                             factor=2, novels=1), **kw})
 
 
 def log(msg: str) -> None:
@@ -78,18 +79,22 @@ def prepare_data(r: Recipe, out: Path):
     from cream_jax.data import tokenizer as tok_lib
 
     data = out / "data"
-    files = sources.resolve_files("austen")
+    novels = list(sources.read_documents(sources.resolve_files("austen")))
+    if not 1 <= r.novels <= len(novels):
+        raise ValueError(f"novels={r.novels}: the corpus holds {len(novels)}; use 1 to {len(novels)}")
+    novels = novels[:r.novels]
     model = data / "tokenizer" / "tokenizer.model"
     if not model.exists():  # on the novels and the passkey template, so that its words are single pieces
         data.mkdir(parents=True, exist_ok=True)
+        corpus = data / "novels.jsonl"
+        corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in novels))
         template = data / "passkey_template.txt"
         rng = np.random.default_rng(r.seed)
         template.write_text("\n".join(f"{tasks.PASSKEY_INTRO} {tasks.FILLER} The pass key is {k}. Remember it. "
                                       f"{k} is the pass key. {tasks.FILLER} {tasks.PASSKEY_QUESTION} {k}."
                                       for k in rng.integers(10000, 100000, 2000)))
-        tok_lib.train([*files, template], r.vocab_size, model.parent)
+        tok_lib.train([corpus, template], r.vocab_size, model.parent)
     tok = tok_lib.Tokenizer(model)
-    novels = list(sources.read_documents(files))
     corpus_tokens = sum(len(x) for x in tok.encode(novels, bos=False, eos=False))
     corpus_rows = corpus_tokens // r.window
     n_passkey = int(corpus_rows * r.passkey_fraction / (1 - r.passkey_fraction))
@@ -310,7 +315,9 @@ def run(r: Recipe, out: Path, methods=METHODS) -> dict:
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     recipe, saved = out / "recipe.json", dataclasses.asdict(r)
-    if recipe.exists() and json.loads(recipe.read_text()) != saved:
+    # a field added since that folder was written ran there as its default
+    defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}
+    if recipe.exists() and {**defaults, **json.loads(recipe.read_text())} != saved:
         raise ValueError(f"{out} holds the runs of another recipe ({recipe}); use another --out or remove it")
     recipe.write_text(json.dumps(saved, indent=1) + "\n")  # re-running the same recipe reuses finished runs
     tok, tok_path, data = prepare_data(r, out)

@@ -3,6 +3,8 @@ SFT loss masks, and the errors that must come before training."""
 
 import json
 import shutil
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -128,6 +130,40 @@ def test_local_files_become_a_tfds_array_record_dataset(tmp_path):
     (moved / "a.jsonl").write_bytes((moved / "a.txt").read_bytes())  # same bytes, read another way
     assert sources.files_fingerprint([moved / "a.jsonl"], "text", False) != \
         sources.files_fingerprint([moved / "a.txt"], "text", False)
+
+
+_BUILD_AT_ONCE = """
+import sys, time
+from pathlib import Path
+from cream_jax.data import sources
+barrier, me, data, data_dir = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+read = sources.read_documents
+def both_past_the_existence_check(*a, **k):
+    (barrier / me).touch()
+    while len(list(barrier.iterdir())) < 2:
+        time.sleep(0.01)
+    return read(*a, **k)
+sources.read_documents = both_past_the_existence_check
+print(sources.build_tfds([data], data_dir)[0])
+"""
+
+
+def test_processes_building_the_same_dataset_at_once_both_succeed(tmp_path):
+    """Test workers and hosts share the cache: two builds of one dataset that start together both end with
+    it, whole (TFDS's own final rename fails for the second)."""
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(3000)))
+    (tmp_path / "barrier").mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILD_AT_ONCE, str(tmp_path / "barrier"), str(i), str(data),
+                               str(tmp_path / "tfds")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    name, other = (out.splitlines()[-1] for out, _ in outs)  # (TFDS prints its progress before)
+    assert other == name
+    assert len(sources.open_tfds(name, tmp_path / "tfds")) == 3000
+    assert [p.name for p in (tmp_path / "tfds").iterdir()] == [name]  # no build directory left behind
 
 
 # ----------------------------------------------------------------------------- packing and batches

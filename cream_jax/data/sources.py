@@ -4,8 +4,8 @@ A document is one string: a whole .txt file, or one jsonl line's `text_key`
 field. Chat (SFT) jsonl lines hold {"messages": [{"role", "content"}, ...]};
 the document is then that list as JSON text (`format="chat"`).
 
-Local files become a TFDS dataset (`tfds.dataset_builders.store_as_tfds_dataset`,
-array_record files) read back through `tfds.data_source`, the same random-access
+Local files become a TFDS dataset (a generator-based builder writing array_record
+files, built once per content) read back through `tfds.data_source`, the same random-access
 path as a prepared TFDS dataset such as pg19 (`source="tfds"`, `name="pg19"`,
 `text_key="book_text"`, `data_dir="gs://..."`). Neither path needs TensorFlow.
 """
@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -115,7 +117,21 @@ def build_tfds(paths: Sequence[Path], data_dir: str | os.PathLike, *, text_key: 
                 yield i, {"text": text}
 
     LocalDocuments.name = name
-    LocalDocuments(data_dir=data_dir, file_format="array_record").download_and_prepare()
+    # Built in a private directory and moved into place whole: processes that share data_dir (test workers,
+    # hosts on one file system) may build the same dataset at once, and TFDS's own final rename fails for all
+    # but the first of them.
+    final = Path(data_dir) / name / "1.0.0"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=data_dir))
+    try:
+        LocalDocuments(data_dir=str(tmp), file_format="array_record").download_and_prepare()
+        try:
+            (tmp / name / "1.0.0").rename(final)
+        except OSError:  # built meanwhile by another process
+            if not (final / "dataset_info.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return name, data_dir
 
 
