@@ -258,8 +258,6 @@ def _variant(c: ml_collections.ConfigDict, remat: str, accum: int) -> ml_collect
     return trial
 
 
-
-
 def suggest(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | None = None
             ) -> tuple[str, int] | None:
     """A (remat policy, grad_accum) that fits at the same global batch: fewest microbatches first, then
@@ -278,11 +276,14 @@ def suggest(c: ml_collections.ConfigDict, topology: str, per_device_batch: float
 
 
 def search(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | None = None,
-           policies: tuple[str, ...] = REMAT_POLICIES, progress: Callable[[str], None] | None = None
-           ) -> list[Plan]:
+           policies: tuple[str, ...] = REMAT_POLICIES, progress: Callable[[str], None] | None = None,
+           planned: Plan | None = None) -> list[Plan]:
     """Each remat policy at its fewest microbatches that fit (same global batch), costed, fastest per
     trained token first; a policy that fits at no grad_accum comes last, as its plan at the most
-    microbatches. Compiles the step once per (policy, grad_accum) tried, plus the cost compiles."""
+    microbatches. Compiles the step once per (policy, grad_accum) tried, plus the cost compiles.
+
+    `planned`: the plan of `c` as given (at `per_device_batch`), already made; the search takes it for
+    c's own remat and grad_accum instead of compiling them again."""
     unknown = set(policies) - set(REMAT_POLICIES)
     if unknown:
         raise tc.ConfigError(f"unknown remat policies {sorted(unknown)} to search: choose from {REMAT_POLICIES}")
@@ -291,12 +292,16 @@ def search(c: ml_collections.ConfigDict, topology: str, per_device_batch: float 
     for remat in policies:
         p = None
         for accum in _accumulations(c):
+            reuse = planned is not None and (remat, accum) == (c.model.remat, c.train.grad_accum)
             if progress:
-                progress(f"{remat}, grad_accum={accum}")
-            try:
-                p = plan(_variant(c, remat, accum), topology)
-            except (tc.ConfigError, sharding.MeshError):
-                continue
+                progress(f"{remat}, grad_accum={accum}" + (" (the recipe's own plan)" if reuse else ""))
+            if reuse:
+                p = planned
+            else:
+                try:
+                    p = plan(_variant(c, remat, accum), topology)
+                except (tc.ConfigError, sharding.MeshError):
+                    continue
             if p.fits:
                 break
         if p is not None:
@@ -406,9 +411,10 @@ def main(argv=None) -> int:
                 plans.append(plan(c, f.topology, batch, f.dump_hlo if role == "plan" else None))
             if f.search:
                 policies = REMAT_POLICIES if f.search == ["all"] else tuple(f.search)
-                for c, name, batch, role in recipes:
-                    searches[role] = search(c, f.topology, batch, policies, progress=lambda what, name=name: print(
-                        f"searching {name}: {what}", file=sys.stderr, flush=True))
+                for (c, name, batch, role), p in zip(recipes, plans):
+                    searches[role] = search(c, f.topology, batch, policies, planned=p,
+                                            progress=lambda what, name=name: print(
+                                                f"searching {name}: {what}", file=sys.stderr, flush=True))
         except (tc.ConfigError, sharding.MeshError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -1,11 +1,21 @@
 """Test set-up: 8 simulated CPU devices for meshes, set before jax is imported."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu (for AOT compiles) is installed; never probe for a TPU
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One persistent compilation cache for the session, shared by both xdist workers and by every process the
+# tests start: the train CLI alone is launched about 20 times, and a cached step loads instead of compiling
+# (13.7 s -> 6.2 s for a 10-step tiny_cream run). The first process (xdist's controller) makes it and removes
+# it when it exits; each session starts empty, so every compile still happens once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cream-jax-tests-jit-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
 import pytest  # noqa: E402
 

@@ -66,13 +66,15 @@ def test_splash_kernels_are_counted_as_compiled():
 def test_cli_prints_the_table_and_writes_json(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     run = subprocess.run([sys.executable, "-m", "cream_jax.plan", f"--config={ROOT / 'configs' / 'tiny_cream.py'}",
-                          "--topology=v5e-4", "--config.train.global_batch=4", f"--json={tmp_path / 'plan.json'}",
+                          "--topology=v5e-4", "--config.train.global_batch=4", "--config.model.remat=full",
+                          f"--json={tmp_path / 'plan.json'}",
                           f"--dump_hlo={tmp_path / 'step.hlo'}", "--search=full"], env=env, capture_output=True,
                          text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
     assert "| HBM total |" in out and "| est. MFU |" in out
     assert "fastest for tiny_cream: --config.model.remat=full --config.train.grad_accum=1" in out
+    assert "searching tiny_cream: full, grad_accum=1 (the recipe's own plan)" in run.stderr  # not compiled again
     p, searched = json.loads((tmp_path / "plan.json").read_text())
     assert p["topology"] == "v5e-4" and p["chips"] == 4 and p["fits"] and p["role"] == "plan"
     assert searched["role"] == "search" and searched["remat"] == "full" and searched["step_seconds"] > 0
@@ -138,6 +140,13 @@ def test_search_keeps_the_global_batch_and_ranks_what_fits(monkeypatch):
     assert plan.override_flags(found[0]) == "--config.model.remat=none --config.train.grad_accum=4"
     with pytest.raises(tc.ConfigError, match="save_everything"):
         plan.search(tiny_plan_config(), "v5p-8", policies=("save_everything",))
+
+    tried.clear()  # the recipe's own choice, already planned (by the CLI), is taken as it is
+    own = dataclasses.replace(found[0], remat="full", grad_accum=1, seconds_per_trained_token_per_chip=0.5)
+    searched = plan.search(tiny_plan_config(remat="full"), "v5p-8", per_device_batch=8, policies=("none", "full"),
+                           planned=own)
+    assert searched[0] is own and searched[1].remat == "none"
+    assert tried == [("none", 1), ("none", 2), ("none", 4)]
 
 
 def test_a_step_the_compiler_refuses_for_hbm_is_a_plan_that_does_not_fit():
