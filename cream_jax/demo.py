@@ -305,6 +305,13 @@ def export_and_answer(run: Path, tokenizer: Path, out: Path, length: int, seed: 
 # ----------------------------------------------------------------------------- the job
 
 
+def another_recipe(saved: dict, r: Recipe) -> bool:
+    """Whether a results folder's recipe.json is not `r`; a field added since it was written ran there as
+    the field's default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}
+    return {**defaults, **saved} != dataclasses.asdict(r)
+
+
 def run(r: Recipe, out: Path, methods=METHODS) -> dict:
     import jax
 
@@ -315,9 +322,7 @@ def run(r: Recipe, out: Path, methods=METHODS) -> dict:
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     recipe, saved = out / "recipe.json", dataclasses.asdict(r)
-    # a field added since that folder was written ran there as its default
-    defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}
-    if recipe.exists() and {**defaults, **json.loads(recipe.read_text())} != saved:
+    if recipe.exists() and another_recipe(json.loads(recipe.read_text()), r):
         raise ValueError(f"{out} holds the runs of another recipe ({recipe}); use another --out or remove it")
     recipe.write_text(json.dumps(saved, indent=1) + "\n")  # re-running the same recipe reuses finished runs
     tok, tok_path, data = prepare_data(r, out)

@@ -1,6 +1,7 @@
 """`make demo` end to end with a few steps of everything: data, pretraining, three fine-tunes, the passkey
 evaluation, the HF export answered by transformers, and the results folder."""
 
+import dataclasses
 import json
 
 import matplotlib.image
@@ -58,3 +59,15 @@ def test_rerun_reuses_the_runs_and_refuses_another_recipe(quick_demo, capsys):
     assert demo.main(["--quick", "--out", str(quick_demo), "--finetune-steps", "5"]) == 2
     assert "another recipe" in capsys.readouterr().err
     assert json.loads((quick_demo / "recipe.json").read_text())["finetune_steps"] == demo.Recipe.quick().finetune_steps
+
+
+def test_a_folder_from_before_a_recipe_field_existed_is_the_same_recipe_at_its_default():
+    before_novels = {k: v for k, v in dataclasses.asdict(demo.Recipe()).items() if k != "novels"}
+    assert not demo.another_recipe(before_novels, demo.Recipe())  # it read all six novels, as the default does
+    assert demo.another_recipe(before_novels, demo.Recipe(novels=1))
+    assert demo.another_recipe({**before_novels, "novels": 6, "window": 64}, demo.Recipe())
+
+
+def test_novels_beyond_the_corpus_is_a_clear_error(tmp_path, capsys):
+    assert demo.main(["--quick", "--novels", "7", "--out", str(tmp_path)]) == 2
+    assert "novels=7: the corpus holds 6; use 1 to 6" in capsys.readouterr().err
