@@ -72,17 +72,22 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------- data
 
 
-def prepare_data(r: Recipe, out: Path):
-    """Tokenizer trained on the corpus, and a jsonl of corpus windows and passkey prompts with their answers."""
-    from cream_jax import tasks
+def read_novels(r: Recipe) -> list[str]:
+    """The recipe's first `novels` of the corpus (fetched on first use)."""
     from cream_jax.data import sources
-    from cream_jax.data import tokenizer as tok_lib
 
-    data = out / "data"
     novels = list(sources.read_documents(sources.resolve_files("austen")))
     if not 1 <= r.novels <= len(novels):
         raise ValueError(f"novels={r.novels}: the corpus holds {len(novels)}; use 1 to {len(novels)}")
-    novels = novels[:r.novels]
+    return novels[:r.novels]
+
+
+def prepare_data(r: Recipe, out: Path, novels: list[str]):
+    """Tokenizer trained on the novels, and a jsonl of corpus windows and passkey prompts with their answers."""
+    from cream_jax import tasks
+    from cream_jax.data import tokenizer as tok_lib
+
+    data = out / "data"
     model = data / "tokenizer" / "tokenizer.model"
     if not model.exists():  # on the novels and the passkey template, so that its words are single pieces
         data.mkdir(parents=True, exist_ok=True)
@@ -324,8 +329,9 @@ def run(r: Recipe, out: Path, methods=METHODS) -> dict:
     recipe, saved = out / "recipe.json", dataclasses.asdict(r)
     if recipe.exists() and another_recipe(json.loads(recipe.read_text()), r):
         raise ValueError(f"{out} holds the runs of another recipe ({recipe}); use another --out or remove it")
+    novels = read_novels(r)  # checks the recipe against the corpus before the folder is marked as its own
     recipe.write_text(json.dumps(saved, indent=1) + "\n")  # re-running the same recipe reuses finished runs
-    tok, tok_path, data = prepare_data(r, out)
+    tok, tok_path, data = prepare_data(r, out, novels)
     timings = {"data": time.perf_counter() - t_start}
 
     runs = {"pretrain": pretrain(r, tok, tok_path, data, out)}

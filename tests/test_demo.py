@@ -71,3 +71,4 @@ def test_a_folder_from_before_a_recipe_field_existed_is_the_same_recipe_at_its_d
 def test_novels_beyond_the_corpus_is_a_clear_error(tmp_path, capsys):
     assert demo.main(["--quick", "--novels", "7", "--out", str(tmp_path)]) == 2
     assert "novels=7: the corpus holds 6; use 1 to 6" in capsys.readouterr().err
+    assert not (tmp_path / "recipe.json").exists()  # the folder is not claimed by a recipe that cannot run
