@@ -166,8 +166,8 @@ def _rotary_then_kernel_layout(rotary):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_rotary_equals_the_textbook_form(dtype):
-    """The same products and sums: equal up to one rounding (under jit XLA:CPU may contract a different
-    product of a sum into a fused multiply-add)."""
+    """The same products and sums: equal bit for bit op by op, and up to one rounding under jit (XLA:CPU
+    fuses the two forms differently)."""
     from cream_jax.rope import apply_rotary
 
     r = np.random.default_rng(0)
