@@ -61,8 +61,8 @@ SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 # glibc keeps freed memory in one heap (one arena, no mmap'd chunks, no trimming) for the next step to reuse.
 # By default the large buffers of a step (XLA:CPU mallocs its temporaries afresh each call) are mapped fresh
 # and unmapped after, so every step page-faults them in again: about 294,000 faults and 0.5-1.0 s of system
-# time per d512 step. Reusing the heap made both frameworks 13-17 % faster here (docs/bench.md), at the price
-# of what fragmentation keeps resident: our steady peak grew 1.4-1.7x, transformers' 1.1-1.3x.
+# time per d512 step. Reusing the heap made both frameworks 13-19 % faster here (docs/bench.md, two runs), at the price
+# of what fragmentation keeps resident: our steady peak grew 1.4-2.1x, transformers' 1.1-1.4x.
 HEAP_REUSE = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 # Environment settings measured against the default: name -> (variables, frameworks measured with them).
 SETTINGS = {

@@ -245,7 +245,7 @@ def reuse_freed_memory() -> bool:
     On CPU, XLA mallocs a step's temporaries afresh each call; by default glibc maps the large ones fresh and
     unmaps them after, so every step page-faults them in again. With this (the process-wide form of
     `bench.HEAP_REUSE`) the demo's pretraining ran 400 steps in 48 s instead of 67 s, with equal losses;
-    the bench's steps ran 13-17 % faster with a 1.4-1.7x steady peak (fragmentation is kept, not returned).
+    the bench's steps ran 13-19 % faster with a 1.4-2.1x steady peak (fragmentation is kept, not returned).
     Call it first, before jax starts threads: arenas that already exist stay."""
     import ctypes
 
@@ -509,7 +509,7 @@ def main(argv=None) -> int:
     flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() with no arguments (TPU pods)")
     flags.DEFINE_bool("reuse_freed_memory", False, "CPU runs: glibc keeps freed memory for the next step "
-                      "(steps 13-17 % faster here, steady peak memory 1.4-1.7x; see train.reuse_freed_memory)")
+                      "(steps 13-19 % faster here, steady peak memory 1.4-2.1x; see train.reuse_freed_memory)")
     flags.mark_flags_as_required(["config", "workdir"])
 
     def _main(_):
