@@ -11,7 +11,7 @@ def get_config(factor: int = 8):
     c.model.rope = {"type": "linear", "factor": float(factor)}
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
-    # `full` fits on any topology that holds the model; on v5p-8 (8 sequences per chip), `save_dots` with
+    # `full` fits on any topology that holds the model; on v5p-8 (8 sequences per chip), `save_proj` with
     # train.grad_accum=2 plans 18 % faster: `python -m cream_jax.plan ... --search=all` (docs/plan_v5p8.md).
     c.model.remat = "full"
     c.model.attention = "auto"  # Pallas splash on TPU, blockwise elsewhere

@@ -1,6 +1,11 @@
 """Model behaviour beyond parity: config validation, packing, causality, dtypes, layout, sharding."""
 
+import contextlib
+import io
+import re
+
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -98,6 +103,54 @@ def test_scan_equals_unrolled_and_remat_keeps_gradients():
     for kw in (dict(), *(dict(remat=r) for r in ("full", "save_attention", "save_proj", "save_dots"))):
         for g, r in zip(jax.tree.leaves(grads(**kw)), jax.tree.leaves(ref)):
             np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+
+
+def _primitive_count(jaxpr) -> int:
+    return len(jaxpr.eqns) + sum(_primitive_count(sub) for sub in jax.extend.core.subjaxprs(jaxpr))
+
+
+def test_save_proj_keeps_the_rotated_queries_and_keys():
+    """`save_proj` saves the attention's inputs (after RoPE and EABF's scale) instead of the q and k
+    projections: the same memory as `save_dots`, and the backward pass does not run RoPE again."""
+    from cream_jax.model import decoder_layer, remat_policy
+    from cream_jax.rope import cos_sin, eabf_scale
+
+    cfg = cream_jax.preset("debug", num_hidden_layers=1, eabf={"enabled": True, "base_length": 8, "skip_layers": ()})
+    p = jax.tree.map(lambda a: a[0], nnx.to_pure_dict(nnx.state(cream_jax.init(cfg), nnx.Param))["model"]["layers"])
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 16, cfg.hidden_size)), jnp.float32)
+    positions = jnp.broadcast_to(jnp.arange(0, 64, 4), (2, 16))
+    cos, sin = cos_sin(cfg, positions)
+    scale = eabf_scale(positions, cfg.eabf.base_length)
+
+    def loss(policy):
+        layer = lambda p, x: decoder_layer(cfg, p, x, cos, sin, scale, None)  # noqa: E731
+        if policy != "none":
+            layer = jax.checkpoint(layer, policy=remat_policy(policy))
+        return lambda p, x: jnp.sum(layer(p, x) ** 2)
+
+    def saved(policy):
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            jax.ad_checkpoint.print_saved_residuals(loss(policy), p, x)
+        return out.getvalue()
+
+    proj, dots = saved("save_proj"), saved("save_dots")
+    for name in ("attention_query", "attention_key"):
+        assert f"named '{name}'" in proj, proj
+    for name in ("q_proj", "k_proj"):
+        assert f"named '{name}'" not in proj, proj
+
+    def saved_bytes(text):
+        sizes = {"f32": 4, "bf16": 2, "i32": 4, "s32": 4}
+        return sum(sizes[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
+                   for dtype, dims in re.findall(r"\b(f32|bf16|i32|s32)\[([\d,]*)\]", text))
+
+    assert saved_bytes(proj) <= saved_bytes(dots), (proj, dots)
+    backward = {policy: _primitive_count(jax.make_jaxpr(jax.grad(loss(policy), argnums=(0, 1)))(p, x).jaxpr)
+                for policy in ("save_proj", "save_dots")}
+    assert backward["save_proj"] < backward["save_dots"], backward
+    got, want = (jax.grad(loss(policy), argnums=(0, 1))(p, x) for policy in ("save_proj", "none"))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
 def test_sharded_forward_matches_single_device():
