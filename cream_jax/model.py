@@ -169,7 +169,7 @@ def remat_policy(name: str):
     queries and keys as attention receives them (after RoPE and EABF's scale) and the other projections'
     outputs; `save_dots` the attention's residuals and every matmul's output. The last two keep the same
     memory, but `save_dots` keeps the q and k projections before RoPE, so its backward pass rotates them again
-    (Llama-2-7B CREAM on v5p-8: `save_proj` plans 0.8 % faster, docs/plan_v5p8.md)."""
+    (Llama-2-7B CREAM on v5p-8: `save_proj` plans 0.1 ms per layer faster, docs/plan_v5p8.md)."""
     policies = jax.checkpoint_policies
     attention_residuals = policies.save_only_these_names(RESIDUALS)
     return {

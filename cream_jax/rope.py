@@ -118,12 +118,20 @@ def cos_sin(config: LlamaConfig, position_ids_BxS: jax.Array) -> tuple[jax.Array
 
 
 def apply_rotary(x_BxSxHxK: jax.Array, cos_BxSxK: jax.Array, sin_BxSxK: jax.Array) -> jax.Array:
-    """Hugging Face's rotate-half layout, computed in float32, returned in x's dtype.
+    """Hugging Face's rotate-half layout, computed in float32, returned in x's dtype: x * cos + rotate_half(x)
+    * sin, rotate_half(x) = concat(-x2, x1). On TPU rotate_half is a matmul (`_rotary_by_matmul`),
+    elsewhere each half is rotated on its own (`_rotary_per_half`): the same products and sums either way."""
+    from cream_jax.attention import target_platform
 
-    Written per half, each half cast on its own, rather than as x * cos + concat(-x2, x1) * sin over a float32
-    copy of x: the same products and sums, but on TPU (head dim = the 128 lanes) XLA then fuses RoPE, forward
-    and backward, without writing float32 or negated copies of the queries and keys: Llama-2-7B's CREAM step
-    on v5p-8 plans at 2.01 s instead of 2.12 s (docs/plan_v5p8.md)."""
+    if target_platform() == "tpu":
+        return _rotary_by_matmul(x_BxSxHxK, cos_BxSxK, sin_BxSxK)
+    return _rotary_per_half(x_BxSxHxK, cos_BxSxK, sin_BxSxK)
+
+
+def _rotary_per_half(x_BxSxHxK, cos_BxSxK, sin_BxSxK):
+    """Each half cast and rotated on its own, rather than x * cos + concat(-x2, x1) * sin over a float32 copy
+    of x: on TPU (head dim = the 128 lanes) XLA then writes no float32 or negated copies of the queries and
+    keys (Llama-2-7B's CREAM step on v5p-8 went from 2.12 to 2.01 s, docs/plan_v5p8.md)."""
     half = x_BxSxHxK.shape[-1] // 2
     x1 = x_BxSxHxK[..., :half].astype(jnp.float32)
     x2 = x_BxSxHxK[..., half:].astype(jnp.float32)
@@ -131,6 +139,24 @@ def apply_rotary(x_BxSxHxK: jax.Array, cos_BxSxK: jax.Array, sin_BxSxK: jax.Arra
     out1 = (x1 * cos[..., :half] - x2 * sin[..., :half]).astype(x_BxSxHxK.dtype)
     out2 = (x2 * cos[..., half:] + x1 * sin[..., half:]).astype(x_BxSxHxK.dtype)
     return jnp.concatenate([out1, out2], axis=-1)
+
+
+def _rotary_by_matmul(x_BxSxHxK, cos_BxSxK, sin_BxSxK):
+    """rotate_half as a matmul by a signed permutation matrix, on the MXU instead of moving half the lanes;
+    on TPU cheaper than `_rotary_per_half` (Llama-2-7B on v5p-8: 0.9 ms less per layer, docs/plan_v5p8.md).
+    The values are exact (each output is one input times +-1, in x's dtype; HIGHEST keeps float32 whole). The
+    gradient differs by a rounding in bfloat16: x's two cotangents (through the cast and through the matmul)
+    are each rounded to bfloat16 before they are added. The per-head matrix gives the product a batch
+    dimension, so the `save_dots` remat policy does not save it."""
+    _, _, H, K = x_BxSxHxK.shape
+    half = K // 2
+    rotate_KxK = np.zeros((K, K), np.float32)
+    rotate_KxK[np.arange(half) + half, np.arange(half)] = -1.0  # output i < K/2 is -x[i + K/2]
+    rotate_KxK[np.arange(half), np.arange(half) + half] = 1.0  # output i >= K/2 is x[i - K/2]
+    rotate_HxKxK = jnp.broadcast_to(jnp.asarray(rotate_KxK, x_BxSxHxK.dtype), (H, K, K))
+    rotated_BxSxHxK = jnp.einsum("bshk,hkj->bshj", x_BxSxHxK, rotate_HxKxK, precision=jax.lax.Precision.HIGHEST)
+    cos, sin = cos_BxSxK[:, :, None, :], sin_BxSxK[:, :, None, :]
+    return (x_BxSxHxK.astype(jnp.float32) * cos + rotated_BxSxHxK.astype(jnp.float32) * sin).astype(x_BxSxHxK.dtype)
 
 
 def eabf_scale(position_ids, base_length: int):
