@@ -244,10 +244,12 @@ def test_rotary_equals_the_textbook_form(dtype, form):
 
 
 def test_rotary_is_a_matmul_on_tpu_only():
+    """Compiled for TPU (as the planner does), RoPE takes the matmul form; on this CPU, the per-half form."""
     from cream_jax.attention import compiling_for
     from cream_jax.rope import apply_rotary
 
     x, cos = jnp.ones((1, 4, 2, 8), jnp.bfloat16), jnp.ones((1, 4, 8), jnp.float32)
+
     def matmuls():  # a new function each time: traces are cached by function, not by target platform
         return str(jax.make_jaxpr(lambda *a: apply_rotary(*a))(x, cos, cos)).count("dot_general")
 
