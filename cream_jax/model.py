@@ -28,8 +28,9 @@ from cream_jax.sharding import constrain
 # How many leading (input) axes each projection's kernel has; the rest are outputs.
 PROJECTION_INPUT_AXES = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2,
                          "gate_proj": 1, "up_proj": 1, "down_proj": 1, "lm_head": 1}
-# What `save_proj` keeps: the queries and keys after RoPE (named in `attention_inputs`), not the q and k projections.
-_SAVED_PROJECTIONS = ("attention_query", "attention_key", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The names `save_proj` keeps: the queries and keys after RoPE (named in `attention_inputs`), not the q and k
+# projections, and the other projections' outputs.
+_SAVE_PROJ_NAMES = ("attention_query", "attention_key", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class Weight(nnx.Module):
@@ -175,7 +176,7 @@ def remat_policy(name: str):
     return {
         "full": None,
         "save_attention": attention_residuals,
-        "save_proj": policies.save_only_these_names(*_SAVED_PROJECTIONS, RESIDUALS),
+        "save_proj": policies.save_only_these_names(*_SAVE_PROJ_NAMES, RESIDUALS),
         "save_dots": policies.save_from_both_policies(policies.dots_with_no_batch_dims_saveable, attention_residuals),
     }[name]
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cream_jax.attention import target_platform
 from cream_jax.config import LlamaConfig, RopeConfig
 
 f32 = np.float32
@@ -121,8 +122,6 @@ def apply_rotary(x_BxSxHxK: jax.Array, cos_BxSxK: jax.Array, sin_BxSxK: jax.Arra
     """Hugging Face's rotate-half layout, computed in float32, returned in x's dtype: x * cos + rotate_half(x)
     * sin, rotate_half(x) = concat(-x2, x1). On TPU rotate_half is a matmul (`_rotary_by_matmul`),
     elsewhere each half is rotated on its own (`_rotary_per_half`): the same products and sums either way."""
-    from cream_jax.attention import target_platform
-
     if target_platform() == "tpu":
         return _rotary_by_matmul(x_BxSxHxK, cos_BxSxK, sin_BxSxK)
     return _rotary_per_half(x_BxSxHxK, cos_BxSxK, sin_BxSxK)
