@@ -17,15 +17,18 @@ A step that does not fit gets a suggestion that keeps the global batch: a remat 
 microbatches (`train.grad_accum`). `--search` plans every remat policy at the fewest microbatches that fit
 and ranks them by estimated cost per trained token, the fastest first, with the flags that select it.
 
-Traps of the compiler's cost analysis, and what is done about them: a while loop's body is counted once,
-so the scanned layers would count as one layer and `blockwise` attention's block loops as one block pair.
-The cost figures therefore come from two extra compiles with 1 and 2 layers, unrolled, with the attention's
-block loops unrolled too (`attention.unrolled_block_loops`): cost = cost(1) + (layers - 1) x (cost(2) -
-cost(1)). Gradient accumulation's microbatch loop is scaled by its trip count (the optimizer update, which
-runs once per step, is then counted once per microbatch: a small overestimate). jax's Pallas splash kernel
-reports no cost at all: the kernel calls in those compiles are counted (under remat the forward kernel runs
-twice per layer unless a policy saves its residuals) and what they execute is added, its time at the chip's
-peak. On v4 `optimal_seconds` comes out negative: only memory is reported there.
+Traps of the compiler's cost analysis, and what is done about them: a while loop's body is counted once, so
+the scanned layers would count as one layer and `blockwise` attention's block loops as one block pair. The
+cost figures therefore come from two extra compiles with 1 and 2 layers, unrolled, with the attention's block
+loops unrolled too (`attention.unrolled_block_loops`): cost = cost(1) + (layers - 1) x (cost(2) - cost(1)). On
+larger meshes (Llama-2-7B on v5p-32, not on v5p-8) XLA also runs all-gathered matmuls as loops over the shards
+(collective matmuls, "windowed einsum"): the cost compiles turn them off (`COST_COMPILE_OPTIONS`), so their
+time is that of plain all-gathers, and a loop left in a cost compile is an error. Gradient accumulation's
+microbatch loop is scaled by its trip count (the optimizer update, which runs once per step, is then counted
+once per microbatch: a small overestimate). jax's Pallas splash kernel reports no cost at all: the kernel
+calls in those compiles are counted (under remat the forward kernel runs twice per layer unless a policy saves
+its residuals) and what they execute is added, its time at the chip's peak. On v4 `optimal_seconds` comes out
+negative: only memory is reported there.
 
 libtpu refuses to compile a step whose temporaries exceed HBM; such a plan does not fit, with the
 temporaries the compiler named, and gets a suggestion like any other that does not fit.
@@ -58,6 +61,11 @@ from cream_jax.splash import KERNEL_MATMULS, kernel_calls, splash_flops
 CHIPS = {"v4": (32, 275e12), "v5e": (16, 197e12), "v5p": (95, 459e12), "v6e": (32, 918e12)}
 # Attention blocks for the unrolled cost compile: at most this many per sequence, so it stays quick.
 _MAX_COST_BLOCKS = 16
+# XLA options of the cost compiles. On larger meshes XLA's SPMD partitioner turns an all-gathered matmul into
+# a loop over the shards ("windowed einsum", a collective matmul: Llama-2-7B on v5p-32 runs 15 of a layer's
+# matmuls so), and the cost analysis counts a loop's body once: v5p-32's CREAM step counted 62 % of its FLOPs.
+# Without them the step runs the same FLOPs with plain all-gathers.
+COST_COMPILE_OPTIONS = {"xla_jf_spmd_threshold_for_windowed_einsum_mib": 1 << 30}
 
 
 @dataclasses.dataclass
@@ -112,15 +120,21 @@ def compile_step(c: ml_collections.ConfigDict, cfg, mesh, compiler_options: dict
         return fn.trace(*args).lower().compile(compiler_options)
 
 
-def compile_step_with_hlo(c: ml_collections.ConfigDict, cfg, mesh):
+def compile_step_with_hlo(c: ml_collections.ConfigDict, cfg, mesh, compiler_options: dict | None = None):
     """`compile_step` and the optimised HLO text, as the compiler itself dumps it: `compiled.as_text()`
     fails on some TPU modules (jaxlib cannot parse back libtpu's async-update instructions)."""
     with tempfile.TemporaryDirectory() as dump:
-        compiled = compile_step(c, cfg, mesh, {"xla_dump_to": dump, "xla_dump_hlo_as_text": True})
+        compiled = compile_step(c, cfg, mesh, {**(compiler_options or {}), "xla_dump_to": dump,
+                                               "xla_dump_hlo_as_text": True})
         texts = list(Path(dump).glob("*jit_train_step*.after_optimizations.txt"))
         if len(texts) != 1:
             raise RuntimeError(f"expected one optimised HLO dump of the train step in {dump}, found {texts}")
         return compiled, texts[0].read_text()
+
+
+def while_loops(hlo: str) -> list[str]:
+    """The while loops in optimised HLO text, by their condition computations' names."""
+    return re.findall(r" while\(.*?condition=%?([\w.-]+)", hlo)
 
 
 def _backend(cfg, platform: str) -> str:
@@ -148,9 +162,13 @@ def _cost(c, cfg, mesh, peak: float) -> tuple[float, float, dict | None]:
     for layers in (1, 2):
         small = cfg.replace(num_hidden_layers=layers, scan_layers=False, attention_block_size=block,
                             eabf=dataclasses.replace(cfg.eabf, skip_layers=()))
-        with attention.unrolled_block_loops():  # only splash needs the HLO text (to count its kernel calls)
-            compiled, hlo = (compile_step_with_hlo(micro, small, mesh) if backend == "splash"
-                             else (compile_step(micro, small, mesh), ""))
+        with attention.unrolled_block_loops():
+            compiled, hlo = compile_step_with_hlo(micro, small, mesh, COST_COMPILE_OPTIONS)
+        if loops := while_loops(hlo):
+            raise RuntimeError(f"the {layers}-layer cost compile of {cfg.remat!r} still has {len(loops)} while "
+                               f"loop(s) ({', '.join(sorted(set(loops)))}), whose bodies XLA's cost "
+                               f"analysis counts once: the FLOPs and time would be too low. Unroll them for "
+                               f"the cost compiles (see `COST_COMPILE_OPTIONS`).")
         cost = compiled.cost_analysis()
         figures.append((cost["flops"], cost.get("optimal_seconds", float("nan")), kernel_calls(hlo)))
     (f1, t1, k1), (f2, t2, k2) = figures
@@ -192,11 +210,9 @@ def plan(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | 
 
     t0 = time.perf_counter()
     try:
+        compiled, hlo = compile_step_with_hlo(c, cfg, mesh)
         if dump_hlo:
-            compiled, hlo = compile_step_with_hlo(c, cfg, mesh)
             Path(dump_hlo).write_text(hlo)
-        else:
-            compiled = compile_step(c, cfg, mesh)
     except jax.errors.JaxRuntimeError as e:  # libtpu refuses a step whose temporaries exceed HBM
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -225,6 +241,12 @@ def plan(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | 
             mfu = model_flops / (seconds * peak)
             tps = c.train.global_batch * c.train.window / chips / seconds
     backend = _backend(cfg, devices[0].platform)
+    collective_matmuls = compiled is not None and sum("windowed" in loop for loop in while_loops(hlo))
+    if flops is not None and collective_matmuls:
+        notes.append(f"XLA runs {collective_matmuls} matmuls of this step as collective matmuls (loops over the "
+                     f"shards that overlap an all-gather or reduce-scatter with the matmul); the cost compiles "
+                     f"run them as plain all-gathers and matmuls (same FLOPs), since the cost analysis counts a "
+                     f"loop's body once")
     if flops is not None and backend == "splash":
         notes.append("attention is the Pallas splash kernel, which reports no cost: the kernel calls in the "
                      "compiled step are counted and what they execute is added (causal blocks, 2 matmuls per "
@@ -415,7 +437,7 @@ def main(argv=None) -> int:
                     searches[role] = search(c, f.topology, batch, policies, planned=p,
                                             progress=lambda what, name=name: print(
                                                 f"searching {name}: {what}", file=sys.stderr, flush=True))
-        except (tc.ConfigError, sharding.MeshError, RuntimeError) as e:
+        except (tc.ConfigError, sharding.MeshError, tpu.TopologyError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(table(plans))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Callable
 
 import jax
@@ -22,21 +23,47 @@ TOPOLOGIES = {
 }
 
 
+# A raw libtpu topology: generation, then chips per axis ("v5p:2x2x1").
+_RAW_TOPOLOGY = re.compile(r"^(v\d+[a-z]*):\d+(x\d+)*$")
+# Generations with two TensorCores per chip that jax runs as one device per chip ("megacore"), as on a real
+# v4 slice. libtpu's topology otherwise lists each core as a device, and `jax.make_mesh` refuses those.
+_MEGACORE = ("v4",)
+# What libtpu would otherwise ask a TPU VM's metadata server for, set when jax runs on CPU only.
+_NO_TPU_VM = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5p-8", "TPU_WORKER_ID": "0",
+              "TPU_WORKER_HOSTNAMES": "localhost"}
+
+
+class TopologyError(ValueError):
+    """A TPU topology name that is neither a known one nor a raw libtpu topology."""
+
+
 def topology_devices(name: str) -> list[Any]:
-    """Compile-only devices of a TPU topology, e.g. `v5p-8` or a raw `v5p:2x2x1`."""
+    """Compile-only devices of a TPU topology, e.g. `v5p-8` or a raw `v5p:2x2x1`: one per chip."""
+    raw = TOPOLOGIES.get(name, name)
+    match = _RAW_TOPOLOGY.match(raw)
+    if not match:
+        raise TopologyError(f"unknown TPU topology {name!r}: use one of {sorted(TOPOLOGIES)} or a raw libtpu "
+                         f"topology such as 'v5p:2x2x4' (generation:chips per axis).")
     try:
         from jax.experimental import topologies
     except ImportError as e:  # pragma: no cover
         raise RuntimeError("jax.experimental.topologies is unavailable in this jax version.") from e
-    raw = TOPOLOGIES.get(name, name)
+    try:
+        import libtpu  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"planning for TPU topology {name!r} needs libtpu: pip install -r requirements-tpu.txt "
+                           f"(or `pip install libtpu`).") from e
     # Compile-only use touches no TPU, so several processes may load libtpu at once (else its lockfile aborts).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if jax.config.jax_platforms == "cpu":  # no TPU attached: spare libtpu's probes of a TPU VM's metadata,
+        for key, value in _NO_TPU_VM.items():  # which print alarming errors (the compiles are the same)
+            os.environ.setdefault(key, value)
+    options = {"chip_config_name": "megacore"} if match.group(1) in _MEGACORE else {}
     try:
-        return list(topologies.get_topology_desc(raw, "tpu").devices)
+        return list(topologies.get_topology_desc(raw, "tpu", **options).devices)
     except Exception as e:
-        raise RuntimeError(
-            f"Cannot build TPU topology {name!r} ({raw}): {e}. Install libtpu (pip install -r requirements-tpu.txt "
-            f"or `pip install libtpu`); known names: {sorted(TOPOLOGIES)}.") from e
+        raise RuntimeError(f"libtpu cannot build TPU topology {name!r} ({raw}): {e}. Known names: "
+                           f"{sorted(TOPOLOGIES)}.") from e
 
 
 @dataclasses.dataclass

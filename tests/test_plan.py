@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -158,3 +159,39 @@ def test_a_step_the_compiler_refuses_for_hbm_is_a_plan_that_does_not_fit():
     refused = plan.plan(c, "v5e-4", per_device_batch=64)
     assert not refused.fits and refused.temporaries_gib > 16 and refused.total_gib is None
     assert refused.step_seconds is None and any("refused the step" in note for note in refused.notes)
+
+
+def test_collective_matmul_loops_are_not_counted_once(monkeypatch):
+    """From 16 chips XLA runs all-gathered matmuls as loops over the shards (windowed einsum), whose bodies
+    XLA's cost analysis counts once. The cost compiles run them as plain matmuls: the planner's FLOPs match a
+    compile of the whole step with no loops at all."""
+    c = tiny_plan_config(remat="full", hidden_size=256, intermediate_size=704, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=128)
+    c.model.attention_block_size = 128
+    c.train.window, c.train.target_length, c.train.global_batch = 512, 2048, 32  # 2 rows on each of 16 chips
+    p = plan.plan(c, "v5p-32")
+    assert any(re.match(r"XLA runs \d+ matmuls of this step as collective matmuls", note) for note in p.notes)
+    cfg = tc.model_config(c).replace(scan_layers=False)
+    mesh = sharding.make_mesh(dict(c.mesh), tpu.topology_devices("v5p-32"))
+    with attention.unrolled_block_loops():
+        plain, plain_hlo = plan.compile_step_with_hlo(c, cfg, mesh, plan.COST_COMPILE_OPTIONS)
+    assert not plan.while_loops(plain_hlo)
+    assert p.compiler_flops_per_step == pytest.approx(plain.cost_analysis()["flops"], rel=0.01)
+
+    monkeypatch.setattr(plan, "COST_COMPILE_OPTIONS", {})  # a loop left in a cost compile is an error
+    with pytest.raises(RuntimeError, match="windowed_dot_general.*counts once"):
+        plan._cost(c, tc.model_config(c), mesh, 459e12)
+
+
+def test_v4_chips_are_one_device_each():
+    """A v4 chip's two TensorCores run as one jax device ("megacore"), as on a real v4 slice: v4-8 is 4
+    devices, and the planner compiles for it (the compiler's time estimate is negative there)."""
+    assert len(tpu.topology_devices("v4-8")) == 4 and len(tpu.topology_devices("v4:2x2x2")) == 8
+    p = plan.plan(tiny_plan_config(), "v4-8")
+    assert p.chips == 4 and p.fits and p.compiler_flops_per_step > 0
+
+
+@pytest.mark.parametrize("name", ["v5p-7", "v5p", "tpu"])
+def test_an_unknown_topology_names_the_known_ones(name):
+    with pytest.raises(tpu.TopologyError, match=rf"unknown TPU topology '{name}': use one of .*'v5p-8'"):
+        tpu.topology_devices(name)
