@@ -21,14 +21,14 @@ Traps of the compiler's cost analysis, and what is done about them: a while loop
 the scanned layers would count as one layer and `blockwise` attention's block loops as one block pair. The
 cost figures therefore come from two extra compiles with 1 and 2 layers, unrolled, with the attention's block
 loops unrolled too (`attention.unrolled_block_loops`): cost = cost(1) + (layers - 1) x (cost(2) - cost(1)). On
-larger meshes (Llama-2-7B on v5p-32, not on v5p-8) XLA also runs all-gathered matmuls as loops over the shards
-(collective matmuls, "windowed einsum"): the cost compiles turn them off (`COST_COMPILE_OPTIONS`), so their
-time is that of plain all-gathers, and a loop left in a cost compile is an error. Gradient accumulation's
-microbatch loop is scaled by its trip count (the optimizer update, which runs once per step, is then counted
-once per microbatch: a small overestimate). jax's Pallas splash kernel reports no cost at all: the kernel
-calls in those compiles are counted (under remat the forward kernel runs twice per layer unless a policy saves
-its residuals) and what they execute is added, its time at the chip's peak. On v4 `optimal_seconds` comes out
-negative: only memory is reported there.
+larger meshes (Llama-2-7B on v5p-32 and v6e-8, not v5p-8) XLA also runs all-gathered matmuls as loops over the
+shards (collective matmuls, "windowed einsum"): the cost compiles turn them off (`COST_COMPILE_OPTIONS`), so
+their time is that of plain all-gathers, and a loop left in a cost compile is an error. Gradient
+accumulation's microbatch loop is scaled by its trip count (the optimizer update, which runs once per step, is
+then counted once per microbatch: a small overestimate). jax's Pallas splash kernel reports no cost at all:
+the kernel calls in those compiles are counted (under remat the forward kernel runs twice per layer unless a
+policy saves its residuals) and what they execute is added, its time at the chip's peak. On v4 and v6e
+`optimal_seconds` comes out negative (Llama-2-7B on v4-32 and v6e-8): only memory is reported there.
 
 libtpu refuses to compile a step whose temporaries exceed HBM; such a plan does not fit, with the
 temporaries the compiler named, and gets a suggestion like any other that does not fit.

@@ -43,7 +43,7 @@ def topology_devices(name: str) -> list[Any]:
     match = _RAW_TOPOLOGY.match(raw)
     if not match:
         raise TopologyError(f"unknown TPU topology {name!r}: use one of {sorted(TOPOLOGIES)} or a raw libtpu "
-                         f"topology such as 'v5p:2x2x4' (generation:chips per axis).")
+                            f"topology such as 'v5p:2x2x4' (generation:chips per axis).")
     try:
         from jax.experimental import topologies
     except ImportError as e:  # pragma: no cover
