@@ -162,9 +162,9 @@ def test_a_step_the_compiler_refuses_for_hbm_is_a_plan_that_does_not_fit():
 
 
 def test_collective_matmul_loops_are_not_counted_once(monkeypatch):
-    """From 16 chips XLA runs all-gathered matmuls as loops over the shards (windowed einsum), whose bodies
-    XLA's cost analysis counts once. The cost compiles run them as plain matmuls: the planner's FLOPs match a
-    compile of the whole step with no loops at all."""
+    """On larger meshes (16 chips here) XLA runs all-gathered matmuls as loops over the shards (windowed
+    einsum), whose bodies XLA's cost analysis counts once. The cost compiles run them as plain matmuls: the
+    planner's FLOPs match a compile of the whole step with no loops at all."""
     c = tiny_plan_config(remat="full", hidden_size=256, intermediate_size=704, num_attention_heads=2,
                          num_key_value_heads=1, head_dim=128)
     c.model.attention_block_size = 128
@@ -185,7 +185,7 @@ def test_collective_matmul_loops_are_not_counted_once(monkeypatch):
 
 def test_v4_chips_are_one_device_each():
     """A v4 chip's two TensorCores run as one jax device ("megacore"), as on a real v4 slice: v4-8 is 4
-    devices, and the planner compiles for it (the compiler's time estimate is negative there)."""
+    devices, and the planner compiles for it (`jax.make_mesh` refuses a device per TensorCore)."""
     assert len(tpu.topology_devices("v4-8")) == 4 and len(tpu.topology_devices("v4:2x2x2")) == 8
     p = plan.plan(tiny_plan_config(), "v4-8")
     assert p.chips == 4 and p.fits and p.compiler_flops_per_step > 0
