@@ -241,7 +241,7 @@ def plan(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | 
             mfu = model_flops / (seconds * peak)
             tps = c.train.global_batch * c.train.window / chips / seconds
     backend = _backend(cfg, devices[0].platform)
-    collective_matmuls = compiled is not None and sum("windowed" in loop for loop in while_loops(hlo))
+    collective_matmuls = sum("windowed" in loop for loop in while_loops(hlo)) if compiled is not None else 0
     if flops is not None and collective_matmuls:
         notes.append(f"XLA runs {collective_matmuls} matmuls of this step as collective matmuls (loops over the "
                      f"shards that overlap an all-gather or reduce-scatter with the matmul); the cost compiles "
