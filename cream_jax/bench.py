@@ -3,7 +3,7 @@
     python -m cream_jax.bench [--out-dir docs] [--quick]
 
 Prints markdown tables and writes `bench.json` and `bench.md` into `--out-dir`.
-`--quick` shrinks every size (a smoke run in well under a minute).
+`--quick` shrinks every size (a smoke run: under 2 minutes on 2 cores, most of it process start-ups).
 
 What is measured, and how:
 

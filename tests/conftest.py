@@ -33,10 +33,10 @@ def torch_and_transformers():
 
 # `make test` runs two pytest-xdist workers that take whole files (--dist loadfile) in collection order
 # (--no-loadscope-reorder). Longest first, so that no long file is left to run alone at the end; the rest
-# keep their default order. Worker seconds on 2 cores, 2026-11-25: plan 182, train 139, checkpoint 128,
-# attention 123, data 105, bench 97, launch 97, demo 78; each other file under 50.
+# keep their default order. Worker seconds on 2 cores (Intel Xeon), 2026-12-01: plan 346, train 178,
+# checkpoint 161, attention 153, data 124, bench 118, launch 99, model 95, demo 86; each other file under 50.
 LONGEST_FIRST = ["test_plan.py", "test_train.py", "test_checkpoint.py", "test_attention.py", "test_data.py",
-                 "test_bench.py", "test_launch.py", "test_demo.py"]
+                 "test_bench.py", "test_launch.py", "test_model.py", "test_demo.py"]
 
 
 def pytest_collection_modifyitems(items):
