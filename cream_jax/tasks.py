@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import uuid
+from typing import Callable
 
 import numpy as np
 
@@ -32,17 +33,56 @@ TASKS = ("passkey", "lines", "kv")
 
 @dataclasses.dataclass
 class Example:
-    ids: list[int]
-    answer: str
-    meta: dict
+    ids: list[int]  # exactly tok.encode(text) with BOS: the prompt is its text, encoded once
+    text: str
+    answer: str | list[str]  # RULER's tasks may expect several strings
+    meta: dict  # the grid cell (task, length, depth, keys, ...) and "tokens", the prompt's true length
 
 
 class TaskError(ValueError):
     """A task that cannot be built as asked."""
 
 
-def _ids(tok, text: str) -> list[int]:
-    return tok.sp.Encode(text)
+def encode(tok, text: str) -> list[int]:
+    """A prompt's ids: BOS, then exactly what the tokenizer gives for the whole text."""
+    return [tok.bos_id] + tok.sp.Encode(text)
+
+
+def fit(tok, build: Callable[[int], str], length: int, lo: int = 0, hi: int | None = None,
+        what: str = "prompt") -> tuple[int, list[int], str]:
+    """The largest n >= lo whose text build(n) encodes to at most `length` tokens (BOS included), as
+    (n, ids, text); the token count must not fall as n grows. A binary search over n that encodes the whole
+    text at each probe, so the prompt is exactly its text's encoding (no pieces joined at token level); the
+    result may fall short of `length` by less than one unit of n's filler, and callers report its true length.
+    `hi` bounds the search where build(n) stops being valid above it."""
+    memo: dict[int, tuple[list[int], str]] = {}
+
+    def probe(n: int) -> int:
+        if n not in memo:
+            text = build(n)
+            memo[n] = (encode(tok, text), text)
+        return len(memo[n][0])
+
+    if probe(lo) > length:
+        raise TaskError(f"length={length} is too short for a {what}: the smallest one has {probe(lo)} tokens; "
+                        f"use a longer length")
+    good, step = lo, 1
+    while hi is None or good < hi:  # step up to a bad n, each step sized by the tokens per unit so far
+        n = good + step if hi is None else min(good + step, hi)
+        if probe(n) > length:
+            bad = n
+            break
+        per_unit = max((probe(n) - probe(lo)) / (n - lo), 1e-9)
+        good, step = n, int((length - probe(n)) / per_unit) + 1
+    else:
+        return good, *memo[good]
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if probe(mid) > length:
+            bad = mid
+        else:
+            good = mid
+    return good, *memo[good]
 
 
 def passkey(tok, length: int, depth: float, rng: np.random.Generator) -> Example:
