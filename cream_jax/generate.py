@@ -7,7 +7,8 @@
 On a mesh (`jax.set_mesh`) the cache is sharded over kv heads on the `tensor` axis and over the batch on
 `data`/`fsdp`, by the same rule table as training. Slot t of the cache holds the token at absolute position t;
 RoPE (every scaling type) and EABF's query scale use that position, exactly as a full forward pass over the
-whole sequence does. A chunk of C new tokens attends to the cached slots before it and causally within itself,
+whole sequence does; dynamic NTK RoPE scales for the whole prompt's length in every prefill chunk and grows
+with each decoded token, as transformers' `generate` does. A chunk of C new tokens attends to the cached slots before it and causally within itself,
 so the prefill of a long prompt needs memory for one chunk's C x max_len scores, not the prompt's S x S.
 """
 
@@ -62,19 +63,27 @@ def _cached_attention(q_BxCxHxK, k_BxTxNxK, v_BxTxNxK, query_slot_C, start_B):
     return jnp.einsum("bngct,btnk->bcngk", probs, v_BxTxNxK).reshape(B, C, H, K)
 
 
+def sequence_end(cache: KVCache, num_tokens: int) -> jax.Array:
+    """The sequence length once `num_tokens` more tokens are cached: the longest row's last position + 1."""
+    return cache.length + num_tokens - jnp.min(cache.start_B)
+
+
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def extend(cfg: LlamaConfig, params: dict, tokens_BxC, cache: KVCache, num_new=None):
+def extend(cfg: LlamaConfig, params: dict, tokens_BxC, cache: KVCache, num_new=None, seq_len=None):
     """Feed C tokens at slots [length, length + C): (logits [B, C, V], the cache with their keys and values).
 
     `num_new` (<= C, default C) is how many of the C tokens are real; the cache length advances by it, and the
-    padding's slots are overwritten by the next call."""
+    padding's slots are overwritten by the next call. `seq_len` is the length of the whole sequence these
+    tokens belong to, for dynamic NTK RoPE (`rope.inv_freq_for`; default: up to the last real token here):
+    `prefill` passes the whole prompt's, so chunks rotate as one forward pass over the prompt would."""
     B, C = tokens_BxC.shape
     num_new = C if num_new is None else num_new
+    seq_len = sequence_end(cache, num_new) if seq_len is None else seq_len
     slot_C = cache.length + jnp.arange(C, dtype=jnp.int32)
     position_BxC = jnp.maximum(slot_C[None, :] - cache.start_B[:, None], 0)  # a row's positions start at 0
     dtype = jnp.dtype(cfg.dtype)
     x_BxCxD = jnp.take(params["model"]["embed_tokens"]["weight"], tokens_BxC, axis=0).astype(dtype)
-    cos_BxCxK, sin_BxCxK = rope.cos_sin(cfg, position_BxC)
+    cos_BxCxK, sin_BxCxK = rope.cos_sin(cfg, position_BxC, seq_len)
     q_scale_BxC = rope.eabf_scale(position_BxC, cfg.eabf.base_length) if cfg.eabf.enabled else None
 
     def layer(x_BxCxD, inputs):
@@ -103,6 +112,7 @@ def prefill(cfg: LlamaConfig, params: dict, tokens_BxS, cache: KVCache, chunk: i
         raise ValueError(f"the prompt ({S} tokens after {int(cache.length)} cached) does not fit the cache of "
                          f"{cache.max_len} slots; make the cache longer (init_cache(..., max_len=...))")
     last = None
+    seq_len = sequence_end(cache, S)  # dynamic NTK: the whole prompt's theta for every chunk
     for start in range(0, S, chunk):
         piece = tokens_BxS[:, start:start + chunk]
         n = piece.shape[1]
@@ -110,7 +120,7 @@ def prefill(cfg: LlamaConfig, params: dict, tokens_BxS, cache: KVCache, chunk: i
             piece = np.pad(piece, ((0, 0), (0, chunk - n)))
         if int(cache.length) + piece.shape[1] > cache.max_len:  # padding past the end: use the exact shape
             piece = piece[:, :n]
-        logits, cache = extend(cfg, params, jnp.asarray(piece), cache, n)
+        logits, cache = extend(cfg, params, jnp.asarray(piece), cache, n, seq_len)
         last = logits[:, n - 1]
     return last, cache
 

@@ -94,15 +94,20 @@ def _yarn_inv_freq(rope: RopeConfig, d: int) -> tuple[np.ndarray, float]:
     return inv_freq.astype(f32), yarn_attention_factor(rope)
 
 
-def inv_freq_for(config: LlamaConfig, position_ids: jax.Array) -> tuple[jax.Array, float]:
-    """inv_freq for this batch. Only `dynamic` depends on the input: its base grows with
-    T = max(position_ids) + 1 once T exceeds max_position_embeddings (as HF's dynamic NTK)."""
+def inv_freq_for(config: LlamaConfig, position_ids: jax.Array, seq_len=None) -> tuple[jax.Array, float]:
+    """inv_freq for this batch. Only `dynamic` depends on the input: its base grows with the sequence length
+    T once T exceeds max_position_embeddings (as HF's dynamic NTK). T is `seq_len` where given, else
+    max(position_ids) + 1: a full forward pass sees the whole sequence, but a chunk of a longer prompt does
+    not, so the KV-cache prefill passes the prompt's length (one theta for every prompt token, as
+    transformers computes it from the whole prompt; each decoded token then grows it)."""
     rope, d = config.rope, config.head_dim
     inv_freq, attention_factor = static_inv_freq(rope, d)
     if rope.type != "dynamic":
         return jnp.asarray(inv_freq), attention_factor
     max_pos = config.max_position_embeddings
-    seq_len = jnp.max(position_ids).astype(jnp.float32) + 1.0
+    if seq_len is None:
+        seq_len = jnp.max(position_ids) + 1
+    seq_len = jnp.asarray(seq_len).astype(jnp.float32)
     grown = (f32(rope.factor) * seq_len / f32(max_pos)) - f32(rope.factor - 1)
     theta = f32(rope.theta) * grown ** f32(d / (d - 2))
     exponents = jnp.arange(0, d, 2).astype(jnp.float32) / f32(d)
@@ -110,9 +115,10 @@ def inv_freq_for(config: LlamaConfig, position_ids: jax.Array) -> tuple[jax.Arra
     return jnp.where(seq_len > max_pos, long_inv_freq, jnp.asarray(inv_freq)), attention_factor
 
 
-def cos_sin(config: LlamaConfig, position_ids_BxS: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [B, S, head_dim] in float32 from explicit (possibly jumping) position ids."""
-    inv_freq_K2, attention_factor = inv_freq_for(config, position_ids_BxS)
+def cos_sin(config: LlamaConfig, position_ids_BxS: jax.Array, seq_len=None) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, S, head_dim] in float32 from explicit (possibly jumping) position ids; `seq_len`: the
+    length dynamic NTK scales for (default: max(position_ids) + 1, see `inv_freq_for`)."""
+    inv_freq_K2, attention_factor = inv_freq_for(config, position_ids_BxS, seq_len)
     angle_BxSxK2 = position_ids_BxS.astype(jnp.float32)[..., None] * inv_freq_K2
     angle_BxSxK = jnp.concatenate([angle_BxSxK2, angle_BxSxK2], axis=-1)
     return jnp.cos(angle_BxSxK) * attention_factor, jnp.sin(angle_BxSxK) * attention_factor

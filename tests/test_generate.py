@@ -103,3 +103,58 @@ def test_generation_on_a_mesh_shards_the_cache_over_heads():
         _, cache = generate.prefill(cfg, params, prompt, generate.init_cache(cfg, 2, 16), chunk=4)
     assert (sharded == alone).all()
     assert cache.k_LxBxTxNxK.sharding.spec[3] == "tensor"  # [layers, batch, slots, kv heads, head_dim]
+
+
+@pytest.fixture(scope="module")
+def dynamic_export(tmp_path_factory):
+    """A dynamic-NTK x4 model with max_position_embeddings=64, and its export for transformers."""
+    path = tmp_path_factory.mktemp("dynamic")
+    cfg, params = _model(rope={"type": "dynamic", "factor": 4.0})
+    params = jax.tree.map(lambda x: x / 4.0 if x.ndim > 1 else x, params)  # moderate logits: argmax ties are rare
+    module = model_lib.init(cfg, seed=1)
+    state = nnx.state(module, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(module, state)
+    hf.save_hf(module, path, progress=False)
+    return cfg, params, path
+
+
+def test_dynamic_ntk_prefill_in_chunks_equals_transformers(dynamic_export, torch_and_transformers):
+    """A 240-token prompt (past max_position_embeddings=64) prefilled in chunks of 32: every prompt token is
+    rotated with the one theta of the whole prompt, as transformers' full forward does; decoding then grows
+    theta per token, as transformers' `generate` does. On a mesh too."""
+    from cream_jax import sharding
+
+    torch, transformers = torch_and_transformers
+    cfg, params, path = dynamic_export
+    prompt = np.random.default_rng(4).integers(3, cfg.vocab_size, (1, 240)).astype(np.int32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        full = model(torch.from_numpy(prompt).long()).logits[0, -1].numpy()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()  # its theta is stateful: afresh
+    with torch.no_grad():
+        theirs = model.generate(torch.from_numpy(prompt).long(), max_new_tokens=16, min_new_tokens=16,
+                                do_sample=False, eos_token_id=None, pad_token_id=0)
+    last, _ = generate.prefill(cfg, params, prompt, generate.init_cache(cfg, 1, 256), chunk=32)
+    np.testing.assert_allclose(np.asarray(last[0]), full, atol=1e-4 * np.abs(full).max())
+    ours = generate.generate(cfg, params, prompt, 16, chunk=32)
+    assert ours.tolist() == theirs.tolist()
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 2}, jax.devices()[:2])
+    with jax.set_mesh(mesh):
+        assert generate.generate(cfg, params, prompt, 16, chunk=32).tolist() == theirs.tolist()
+
+
+def test_dynamic_ntk_perplexity_in_chunks_equals_transformers(dynamic_export, torch_and_transformers):
+    """Perplexity's chunked NLL of a 200-token sequence (past max_position_embeddings) equals transformers'
+    full forward pass: one theta for the whole sequence in every chunk."""
+    from cream_jax import evaluate
+
+    torch, transformers = torch_and_transformers
+    cfg, params, path = dynamic_export
+    ids = np.random.default_rng(5).integers(3, cfg.vocab_size, 200).astype(np.int32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.from_numpy(ids[None]).long()).logits[0].double(), -1).numpy()
+    theirs = -logp[np.arange(199), ids[1:]]
+    ours = evaluate.sequence_nll(cfg, params, ids, chunk=48)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
