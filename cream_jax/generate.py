@@ -8,8 +8,9 @@ On a mesh (`jax.set_mesh`) the cache is sharded over kv heads on the `tensor` ax
 `data`/`fsdp`, by the same rule table as training. Slot t of the cache holds the token at absolute position t;
 RoPE (every scaling type) and EABF's query scale use that position, exactly as a full forward pass over the
 whole sequence does; dynamic NTK RoPE scales for the whole prompt's length in every prefill chunk and grows
-with each decoded token, as transformers' `generate` does. A chunk of C new tokens attends to the cached slots before it and causally within itself,
-so the prefill of a long prompt needs memory for one chunk's C x max_len scores, not the prompt's S x S.
+with each decoded token, as transformers' `generate` does. A chunk of C new tokens attends to the cached
+slots before it and causally within itself, so the prefill of a long prompt needs memory for one chunk's
+C x max_len scores, not the prompt's S x S.
 """
 
 from __future__ import annotations
@@ -125,9 +126,10 @@ def prefill(cfg: LlamaConfig, params: dict, tokens_BxS, cache: KVCache, chunk: i
     return last, cache
 
 
-def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts of different lengths as one [B, S] array padded on the left, and each row's padding length."""
-    S = max(len(p) for p in prompts)
+def left_pad(prompts: list[list[int]], pad_id: int = 0, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts of different lengths as one [B, S] array padded on the left, and each row's padding length; S
+    is the longest prompt's length rounded up to `multiple` (so that batches of similar prompts share shapes)."""
+    S = -(-max(len(p) for p in prompts) // multiple) * multiple
     start_B = np.asarray([S - len(p) for p in prompts], np.int32)
     return np.asarray([[pad_id] * (S - len(p)) + list(p) for p in prompts], np.int32), start_B
 
