@@ -95,9 +95,8 @@ def prepare_data(r: Recipe, out: Path, novels: list[str]):
         corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in novels))
         template = data / "passkey_template.txt"
         rng = np.random.default_rng(r.seed)
-        template.write_text("\n".join(f"{tasks.PASSKEY_INTRO} {tasks.FILLER} The pass key is {k}. Remember it. "
-                                      f"{k} is the pass key. {tasks.FILLER} {tasks.PASSKEY_QUESTION} {k}."
-                                      for k in rng.integers(10000, 100000, 2000)))
+        template.write_text("\n".join(tasks.passkey_text(1, 1, k) + f" {k}."
+                                      for k in rng.integers(*tasks.PASSKEY_KEYS, 2000)))
         tok_lib.train([corpus, template], r.vocab_size, model.parent)
     tok = tok_lib.Tokenizer(model)
     corpus_tokens = sum(len(x) for x in tok.encode(novels, bos=False, eos=False))
@@ -111,7 +110,7 @@ def prepare_data(r: Recipe, out: Path, novels: list[str]):
     docs = []
     for _ in range(n_passkey):  # prompt + answer fit the window: the question is always in the same row
         ex = tasks.passkey(tok, int(rng.integers(shortest, r.window - 8)), float(rng.random()), rng)
-        docs.append(tok.decode(ex.ids[1:]) + f" {ex.answer}.")
+        docs.append(ex.text + f" {ex.answer}.")
     path = data / "train.jsonl"
     with path.open("w") as f:
         for text in novels + docs:
@@ -229,9 +228,8 @@ def train(r: Recipe, name: str, c, out: Path) -> dict:
 def passkey_eval(cfg, params, tok, lengths, samples: int, seed: int) -> list[dict]:
     from cream_jax import evaluate
 
-    examples = evaluate.make_examples("passkey", tok, lengths, DEPTHS, samples, seed)
-    rows = evaluate.run_generation("passkey", cfg, params, tok, examples, batch=40, chunk=max(lengths),
-                                   progress=False)
+    examples = evaluate.make_examples("passkey", tok, lengths=lengths, depths=DEPTHS, samples=samples, seed=seed)
+    rows = evaluate.run_generation(cfg, params, tok, examples, batch=40, chunk=max(lengths), progress=False)
     return evaluate.summarize("passkey", rows)
 
 
@@ -294,13 +292,12 @@ def export_and_answer(run: Path, tokenizer: Path, out: Path, length: int, seed: 
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     tok = tok_lib.Tokenizer(tokenizer)
     ex = tasks.passkey(tok, length, 0.5, np.random.default_rng(seed))
-    prompt = hf_tok.decode(ex.ids, skip_special_tokens=True)
-    ids = hf_tok(prompt, return_tensors="pt").input_ids
+    ids = hf_tok(ex.text, return_tensors="pt").input_ids  # transformers' tokenizer on the prompt's text
     with torch.no_grad():
         new = model.generate(ids, max_new_tokens=tasks.answer_tokens("passkey"), do_sample=False)[0, ids.shape[1]:]
     answer = hf_tok.decode(new, skip_special_tokens=True)
     params = nnx.to_pure_dict(nnx.state(module, nnx.Param))
-    ours = evaluate.run_generation("passkey", module.config, params, tok, [ex], batch=1, chunk=length,
+    ours = evaluate.run_generation(module.config, params, tok, [ex], batch=1, chunk=length,
                                    progress=False)[0]["output"]
     return {"export": str(out), "model_class": type(model).__name__, "prompt_tokens": int(ids.shape[1]),
             "expected": ex.answer, "answer": answer.strip(), "correct": tasks.score("passkey", answer, ex.answer),

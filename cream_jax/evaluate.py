@@ -1,16 +1,21 @@
-"""Long-context evaluation: passkey, LongChat-Lines, key-value retrieval, sliding-window perplexity.
+"""Long-context evaluation as the papers run it: passkey, LongChat-Lines, key-value retrieval, RULER, perplexity.
 
-    python -m cream_jax.evaluate --ckpt RUN_DIR [--step N] --task passkey --lengths 512,1024,2048 \\
+    python -m cream_jax.evaluate --ckpt RUN_DIR [--step N] --task passkey --lengths 4096,8192 \\
         --depths 0,0.25,0.5,0.75,1 --samples 5 --out results/eval
-    python -m cream_jax.evaluate --hf DIR --task kv --lengths 2048 --positions 0,0.25,0.5,0.75,1
-    python -m cream_jax.evaluate --ckpt RUN_DIR --task lines --lengths 1024,2048
-    python -m cream_jax.evaluate --ckpt RUN_DIR --task ppl --lengths 256,512,1024 --corpus austen
+    python -m cream_jax.evaluate --hf DIR --task kv --keys 75,140            # lost-in-the-middle's grid
+    python -m cream_jax.evaluate --hf DIR --task lines --lines 200,300,400   # CREAM's LongChat-Lines grid
+    python -m cream_jax.evaluate --hf DIR --task ruler --lengths 4096,32768  # RULER's synthetic suite
+    python -m cream_jax.evaluate --ckpt RUN_DIR --task ppl --lengths 4096,8192 --corpus austen
 
-Generation tasks decode greedily with the KV cache (`cream_jax.generate`), many prompts per batch: prompts
-of one length share a batch (left-padded where their token counts differ), so there is one prefill shape
-per length. Writes TASK.json (every example and the summary), TASK.md (the table) and TASK.png (passkey:
-accuracy heatmap length x depth; kv: accuracy by key position; lines: accuracy by length; ppl: perplexity
-by length and by position bucket) into --out, and prints the table.
+Each task follows its reference's prompt and metric (docs/evaluation.md): passkey as PoSE's eval_passkey,
+kv as lost-in-the-middle (best_subspan_em), lines as LongChat's generator, RULER's synthetic tasks with its
+templates and string-match metrics, perplexity as CREAM's eval_ppl (`--ppl-mode sliding` for windows over the
+concatenated corpus). A prompt is its text encoded once; its true token count is in every result row.
+Generation decodes greedily with the KV cache (`cream_jax.generate`), prompts of similar length batched
+together (left-padded), and stops at EOS. Writes TASK.json (every example and the summary), TASK.md (the
+table) and TASK.png (passkey: accuracy heatmap length x depth; kv: accuracy by key position; lines: accuracy
+by line count; ruler: score by length per task and their average; ppl: perplexity by length and by position
+bucket) into --out, and prints the table.
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ import numpy as np
 
 from cream_jax import generate, tasks
 
-GRID = {"passkey": "depth", "kv": "position", "lines": None, "ppl": None}
+# The grid axes of each task's results (the references' axes) and what the table's rows are.
+GRID = {"passkey": ("length", "depth"), "kv": ("keys", "index"), "lines": ("lines",), "ruler": ("subtask", "length")}
+PPL_MODES = ("documents", "sliding")
+SHAPE_MULTIPLE = 64  # prompts and caches are padded to multiples of this: prompts of similar length share compiles
 
 
 def load(args) -> tuple:
@@ -53,103 +61,182 @@ def load(args) -> tuple:
     return module.config, nnx.to_pure_dict(nnx.state(module, nnx.Param)), tok, label
 
 
-def make_examples(task: str, tok, lengths, grid, samples: int, seed: int) -> list[tasks.Example]:
+def make_examples(task: str, tok, *, lengths=(), depths=(), keys=(), lines=(), subtasks=(), samples: int = 1,
+                  seed: int = 0, corpus: str = "austen", chat: str | None = None) -> list[tasks.Example]:
+    """`samples` prompts per grid cell, reproducible by `seed`. kv and lines: the counts in `keys` / `lines`,
+    and for each of `lengths` the largest count that fits it; kv asks every gold index of each count."""
     rng = np.random.default_rng(seed)
     out = []
-    for length in lengths:
-        for g in grid:
-            for _ in range(samples):
-                if task == "passkey":
-                    out.append(tasks.passkey(tok, length, g, rng))
-                elif task == "kv":
-                    out.append(tasks.kv(tok, length, g, rng))
-                else:
-                    out.append(tasks.lines(tok, length, rng))
+    if task == "passkey":
+        for length in lengths:
+            for depth in depths:
+                out += [tasks.passkey(tok, length, depth, rng, chat=chat) for _ in range(samples)]
+    elif task == "kv":
+        counts = list(keys) + [tasks.kv_keys_for_length(tok, length, chat=chat) for length in lengths]
+        for k in dict.fromkeys(counts):
+            for index in tasks.kv_gold_indices(k):
+                out += [tasks.kv(tok, k, index, rng, chat=chat) for _ in range(samples)]
+    elif task == "lines":
+        counts = list(lines) + [tasks.lines_for_length(tok, length, chat=chat) for length in lengths]
+        for n in dict.fromkeys(counts):
+            out += [tasks.lines(tok, n, rng, chat=chat) for _ in range(samples)]
+    elif task == "ruler":
+        from cream_jax import ruler
+
+        for subtask in subtasks:
+            for length in lengths:
+                out += [ruler.build(tok, subtask, length, rng, corpus=corpus, chat=chat) for _ in range(samples)]
+    else:
+        raise tasks.TaskError(f"unknown task {task!r}; allowed: {', '.join(GRID)}")
     return out
 
 
-def run_generation(task: str, cfg, params, tok, examples, batch: int, chunk: int, progress: bool = True) -> list:
+def _scorer(example: tasks.Example):
+    """(new tokens to generate, score(output) -> float) for one example."""
+    if example.meta["task"] == "ruler":
+        from cream_jax import ruler
+
+        subtask = example.meta["subtask"]
+        return ruler.answer_tokens(subtask), lambda text: ruler.score(subtask, text, example.answer)
+    task = example.meta["task"]
+    return tasks.answer_tokens(task), lambda text: tasks.score(task, text, example.answer)
+
+
+def run_generation(cfg, params, tok, examples, batch: int, chunk: int, progress: bool = True) -> list:
+    """Greedy answers for `examples`, `batch` prompts at a time: prompts with the same number of new tokens,
+    in order of length, left-padded together. A continuation ends at the first EOS (as generate() stops there
+    in the references); the rest is not scored."""
     from tqdm.auto import tqdm
 
-    by_length = defaultdict(list)
+    groups = defaultdict(list)
     for ex in examples:
-        by_length[ex.meta["length"]].append(ex)
+        groups[_scorer(ex)[0]].append(ex)
     rows = []
-    bar = tqdm(total=len(examples), desc=f"{task}", unit="prompt", disable=not progress)
-    new = tasks.answer_tokens(task)
-    for length in sorted(by_length):
-        group = by_length[length]
+    bar = tqdm(total=len(examples), desc=examples[0].meta["task"] if examples else "", unit="prompt",
+               disable=not progress)
+    for new, group in sorted(groups.items()):
+        group = sorted(group, key=lambda ex: len(ex.ids))
         for i in range(0, len(group), batch):
             part = group[i:i + batch]
-            prompts, start = generate.left_pad([ex.ids for ex in part])
-            out = generate.generate(cfg, params, prompts, new, chunk=chunk, start_B=start)
+            prompts, start = generate.left_pad([ex.ids for ex in part], multiple=SHAPE_MULTIPLE)
+            max_len = -(-(prompts.shape[1] + new) // SHAPE_MULTIPLE) * SHAPE_MULTIPLE
+            out = generate.generate(cfg, params, prompts, new, chunk=chunk, start_B=start, max_len=max_len,
+                                    stop_token=tok.eos_id)
             for ex, row in zip(part, out[:, prompts.shape[1]:]):
-                text = tok.decode(row)
-                rows.append({**ex.meta, "tokens": len(ex.ids), "answer": ex.answer, "output": text,
-                             "correct": tasks.score(task, text, ex.answer)})
+                row = list(row)
+                text = tok.decode(row[:row.index(tok.eos_id)] if tok.eos_id in row else row)
+                score = float(_scorer(ex)[1](text))
+                rows.append({**ex.meta, "tokens": len(ex.ids), "answer": ex.answer, "output": text, "score": score})
             bar.update(len(part))
     bar.close()
     return rows
 
 
 def summarize(task: str, rows: list) -> list[dict]:
-    key = GRID[task]
+    """Mean score and mean true prompt length per grid cell."""
+    axes = GRID[task]
     groups = defaultdict(list)
     for r in rows:
-        groups[(r["length"], r[key] if key else None)].append(r["correct"])
-    return [{"length": length, **({key: g} if key else {}), "n": len(v), "accuracy": float(np.mean(v))}
-            for (length, g), v in sorted(groups.items())]
+        groups[tuple(r[a] for a in axes)].append(r)
+    return [{**dict(zip(axes, cell)), "n": len(v), "tokens": round(float(np.mean([r["tokens"] for r in v]))),
+             "accuracy": float(np.mean([r["score"] for r in v]))}
+            for cell, v in sorted(groups.items(), key=lambda kv: [(isinstance(x, str), x) for x in kv[0]])]
 
 
-def perplexity(cfg, params, tok, docs: list[str], lengths, windows: int, chunk: int, buckets: int = 8,
-               progress: bool = True) -> list[dict]:
-    """Sliding windows of length T over the concatenated documents (stride T): perplexity per T and per
-    position bucket (T / buckets positions each)."""
+def sequence_nll(cfg, params, ids, chunk: int) -> np.ndarray:
+    """Negative log-likelihood of each next token of one sequence [T - 1], fed through the KV cache in chunks
+    (memory for one chunk's scores, not T x T): the same values as one forward pass over the sequence, dynamic
+    NTK RoPE included (every chunk is rotated for the whole sequence's length)."""
+    ids = np.asarray(ids, np.int32)[None]
+    T = ids.shape[1]
+    cache = generate.init_cache(cfg, 1, T)
+    logp = []
+    for s in range(0, T, chunk):
+        piece = ids[:, s:s + chunk]
+        logits, cache = generate.extend(cfg, params, jnp.asarray(piece), cache, piece.shape[1], T)
+        logp.append(np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)))
+    logp = np.concatenate(logp)[:-1]
+    return -logp[np.arange(T - 1), ids[0, 1:]]
+
+
+def perplexity(cfg, params, tok, docs: list[str], lengths, *, mode: str = "documents", count: int = 4,
+               chunk: int = 512, buckets: int = 8, progress: bool = True) -> list[dict]:
+    """Perplexity per length T, and per position bucket (T / buckets positions each).
+
+    mode "documents" (CREAM's eval_ppl): the first `count` documents with at least max(lengths) - 1 tokens,
+    each evaluated on its own as BOS then its first T - 1 tokens; the perplexity is exp of the mean NLL over
+    documents and positions. mode "sliding": `count` consecutive windows of T tokens over the concatenated
+    documents (each BOS, text, EOS), stride T."""
     from tqdm.auto import tqdm
 
-    stream = np.concatenate([np.asarray(x, np.int32) for x in tok.encode(docs)])
+    if mode not in PPL_MODES:
+        raise tasks.TaskError(f"unknown perplexity mode {mode!r}; allowed: {', '.join(PPL_MODES)}")
+    encoded = tok.encode(docs, bos=False, eos=False) if mode == "documents" else tok.encode(docs)
+    if mode == "documents":
+        need = max(lengths) - 1
+        long_docs = [d for d in encoded if len(d) >= need][:count]
+        if not long_docs:
+            raise tasks.TaskError(f"no document has the {need} tokens that length {max(lengths)} needs (the "
+                                  f"longest has {max(map(len, encoded), default=0)}); use shorter --lengths, "
+                                  f"another --corpus, or --ppl-mode sliding")
+        sequences = {T: [[tok.bos_id] + d[:T - 1] for d in long_docs] for T in lengths}
+    else:
+        stream = np.concatenate([np.asarray(x, np.int32) for x in encoded])
+        for T in lengths:
+            if count * T > len(stream):
+                raise tasks.TaskError(f"the corpus has {len(stream)} tokens: too few for {count} windows of {T}; "
+                                      f"use fewer --windows or shorter --lengths")
+        sequences = {T: [stream[w * T:(w + 1) * T] for w in range(count)] for T in lengths}
     out = []
-    bar = tqdm(total=len(lengths) * windows, desc="ppl", unit="window", disable=not progress)
-    for T in lengths:
-        if (windows + 1) * T > len(stream):
-            raise tasks.TaskError(f"the corpus has {len(stream)} tokens: too few for {windows} windows of {T}")
+    bar = tqdm(total=sum(map(len, sequences.values())), desc=f"ppl ({mode})", unit="sequence",
+               disable=not progress)
+    for T, seqs in sequences.items():
         nll = np.zeros(T - 1)
-        for w in range(windows):
-            window = stream[w * T:(w + 1) * T][None]
-            cache = generate.init_cache(cfg, 1, T)
-            logp = []
-            for s in range(0, T, chunk):
-                piece = window[:, s:s + chunk]
-                logits, cache = generate.extend(cfg, params, jnp.asarray(piece), cache, piece.shape[1])
-                logp.append(np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)))
-            logp = np.concatenate(logp)[:-1]
-            nll += -logp[np.arange(T - 1), window[0, 1:]]
+        for seq in seqs:
+            nll += sequence_nll(cfg, params, seq, chunk)
             bar.update(1)
-        nll /= windows
+        nll /= len(seqs)
         edges = np.linspace(0, T - 1, buckets + 1).astype(int)
-        out.append({"length": T, "windows": windows, "ppl": float(np.exp(nll.mean())),
+        out.append({"length": T, "mode": mode, "sequences": len(seqs), "ppl": float(np.exp(nll.mean())),
                     "bucket_ppl": [float(np.exp(nll[a:b].mean())) for a, b in zip(edges[:-1], edges[1:])],
                     "bucket_edges": edges.tolist()})
     bar.close()
     return out
 
 
-def table(task: str, summary: list[dict]) -> str:
-    if task == "ppl":
-        header = ["length", "perplexity", "per position bucket (first -> last)"]
-        body = [[r["length"], f"{r['ppl']:.2f}", " ".join(f"{x:.1f}" for x in r["bucket_ppl"])] for r in summary]
-    elif GRID[task]:
-        key = GRID[task]
-        grid = sorted({r[key] for r in summary})
-        header = ["length"] + [f"{key} {g:g}" for g in grid]
-        acc = {(r["length"], r[key]): r["accuracy"] for r in summary}
-        body = [[length] + [f"{acc[(length, g)]:.2f}" for g in grid]
-                for length in sorted({r["length"] for r in summary})]
-    else:
-        header = ["length", "n", "accuracy"]
-        body = [[r["length"], r["n"], f"{r['accuracy']:.2f}"] for r in summary]
+def _markdown(header: list, body: list[list]) -> str:
     return "\n".join(["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
                      + ["| " + " | ".join(map(str, row)) + " |" for row in body])
+
+
+def table(task: str, summary: list[dict]) -> str:
+    """The results as a markdown table on the task's grid axes (RULER: tasks x lengths, and their average)."""
+    if task == "ppl":
+        header = ["length", "sequences", "perplexity", "per position bucket (first -> last)"]
+        body = [[r["length"], r["sequences"], f"{r['ppl']:.2f}", " ".join(f"{x:.1f}" for x in r["bucket_ppl"])]
+                for r in summary]
+    elif task == "passkey":
+        lengths = sorted({r["length"] for r in summary})
+        acc = {(r["length"], r["depth"]): r for r in summary}
+        header = ["length", "tokens"] + [f"depth {d:g}" for d in sorted({r["depth"] for r in summary})]
+        body = [[length, round(np.mean([r["tokens"] for r in summary if r["length"] == length]))]
+                + [f"{acc[(length, d)]['accuracy']:.2f}" for d in sorted({r["depth"] for r in summary})]
+                for length in lengths]
+    elif task == "kv":
+        header = ["keys", "tokens", "gold index", "n", "accuracy"]
+        body = [[r["keys"], r["tokens"], r["index"], r["n"], f"{r['accuracy']:.2f}"] for r in summary]
+    elif task == "lines":
+        header = ["lines", "tokens", "n", "accuracy"]
+        body = [[r["lines"], r["tokens"], r["n"], f"{r['accuracy']:.2f}"] for r in summary]
+    else:  # ruler: a row per task, a column per length, scores in percent as RULER prints them
+        lengths = sorted({r["length"] for r in summary})
+        subtasks = list(dict.fromkeys(r["subtask"] for r in summary))
+        score = {(r["subtask"], r["length"]): 100 * r["accuracy"] for r in summary}
+        header = ["task"] + [str(length) for length in lengths]
+        body = [[t] + [f"{score[(t, length)]:.1f}" for length in lengths] for t in subtasks]
+        body.append(["**average**"] + [f"**{np.mean([score[(t, length)] for t in subtasks]):.1f}**"
+                                       for length in lengths])
+    return _markdown(header, body)
 
 
 def passkey_heatmap(ax, summary: list[dict], fontsize: int = 8):
@@ -175,30 +262,45 @@ def plot(task: str, summary: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    lengths = sorted({r["length"] for r in summary})
     if task == "passkey":
         fig.colorbar(passkey_heatmap(ax, summary), ax=ax, label="accuracy")
-    elif task == "kv":
-        for length in lengths:
-            pts = sorted((r["position"], r["accuracy"]) for r in summary if r["length"] == length)
-            ax.plot(*zip(*pts), marker="o", label=f"{length} tokens")
+    elif task == "kv":  # lost-in-the-middle's figure: accuracy by where the asked key sits
+        for keys in sorted({r["keys"] for r in summary}):
+            pts = sorted((r["index"] / max(keys - 1, 1), r["accuracy"]) for r in summary if r["keys"] == keys)
+            tokens = round(np.mean([r["tokens"] for r in summary if r["keys"] == keys]))
+            ax.plot(*zip(*pts), marker="o", label=f"{keys} keys ({tokens} tokens)")
         ax.set_xlabel("position of the asked key (0 = first, 1 = last)")
         ax.set_ylabel("accuracy")
         ax.set_ylim(-0.05, 1.05)
         ax.legend()
     elif task == "lines":
-        ax.plot(lengths, [r["accuracy"] for r in summary], marker="o")
+        ax.plot([r["lines"] for r in summary], [r["accuracy"] for r in summary], marker="o")
+        for r in summary:
+            ax.annotate(f"{r['tokens']} tok", (r["lines"], r["accuracy"]), fontsize=7, textcoords="offset points",
+                        xytext=(0, 6), ha="center")
+        ax.set_xlabel("lines in the prompt")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.05, 1.1)
+    elif task == "ruler":
+        lengths = sorted({r["length"] for r in summary})
+        subtasks = list(dict.fromkeys(r["subtask"] for r in summary))
+        score = {(r["subtask"], r["length"]): r["accuracy"] for r in summary}
+        for t in subtasks:
+            ax.plot(lengths, [score[(t, length)] for length in lengths], marker=".", lw=0.8, alpha=0.6, label=t)
+        ax.plot(lengths, [np.mean([score[(t, length)] for t in subtasks]) for length in lengths], color="black",
+                lw=2.5, marker="o", label="average")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("prompt length (tokens)")
-        ax.set_ylabel("accuracy")
+        ax.set_ylabel("score")
         ax.set_ylim(-0.05, 1.05)
+        ax.legend(fontsize=6, ncol=2)
     else:
         for r in summary:
             edges = r["bucket_edges"]
             centres = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
             ax.plot(centres, r["bucket_ppl"], marker="o", label=f"T = {r['length']} (ppl {r['ppl']:.1f})")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("position in the window (tokens)")
+        ax.set_xlabel("position in the sequence (tokens)")
         ax.set_ylabel("perplexity")
         ax.legend()
     ax.set_title(title, fontsize=9)
@@ -207,38 +309,76 @@ def plot(task: str, summary: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise tasks.TaskError(f"{flag}={text!r} must be comma-separated integers, e.g. {flag}=4096,8192") from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cream_jax.evaluate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m cream_jax.evaluate", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="docs/evaluation.md: each task's reference, prompt and metric.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="a train run directory (its newest or --step checkpoint)")
     src.add_argument("--hf", help="a Hugging Face model directory")
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--tokenizer", default="", help="default: the run's data.tokenizer, or the HF directory's")
-    p.add_argument("--task", required=True, choices=[*tasks.TASKS, "ppl"])
-    p.add_argument("--lengths", required=True, help="comma-separated prompt / window lengths in tokens")
+    p.add_argument("--task", required=True, choices=[*tasks.TASKS, "ruler", "ppl"])
+    p.add_argument("--lengths", default="", help="comma-separated token lengths: passkey, ruler and ppl lengths; "
+                                                 "kv and lines: the largest key / line count that fits each")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey: needle depths in [0, 1]")
-    p.add_argument("--positions", default="0,0.25,0.5,0.75,1", help="kv: asked key positions in [0, 1]")
+    p.add_argument("--keys", default="", help="kv: key counts (the papers': 75,140)")
+    p.add_argument("--lines", default="", help="lines: line counts (CREAM's: 200,300,400,500,600,680)")
+    p.add_argument("--ruler-tasks", default="all", help="ruler: comma-separated RULER task names, or all")
+    p.add_argument("--chat", default="none", help="wrap prompts in a chat template: none, llama2 or vicuna (CREAM's "
+                                                       "Lines evaluation wraps every model's prompt in vicuna's)")
     p.add_argument("--samples", type=int, default=5, help="prompts per grid cell")
-    p.add_argument("--corpus", default="austen", help="ppl: a registry corpus name or .txt/.jsonl files")
-    p.add_argument("--windows", type=int, default=4, help="ppl: windows per length")
+    p.add_argument("--corpus", default="austen",
+                   help="ppl, and RULER's essay haystack: a registry corpus name or .txt/.jsonl files")
+    p.add_argument("--ppl-mode", default="documents", choices=PPL_MODES,
+                   help="documents: each long document on its own, BOS + its first T - 1 tokens (CREAM's "
+                        "eval_ppl); sliding: windows of T over the concatenated corpus")
+    p.add_argument("--documents", type=int, default=50, help="ppl documents mode: at most this many documents")
+    p.add_argument("--windows", type=int, default=4, help="ppl sliding mode: windows per length")
     p.add_argument("--batch", type=int, default=8, help="prompts per generation batch")
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk (tokens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/eval")
     a = p.parse_args(argv)
-    try:
-        lengths = [int(x) for x in a.lengths.split(",")]
-        cfg, params, tok, label = load(a)
-        if a.task == "ppl":
+    try:  # every input is checked before the model loads
+        lengths, keys, lines = _ints(a.lengths, "--lengths"), _ints(a.keys, "--keys"), _ints(a.lines, "--lines")
+        chat = None if a.chat == "none" else a.chat
+        tasks.chat_wrap("", chat)
+        counts = {"kv": keys, "lines": lines}.get(a.task, [])
+        if not lengths and not counts:
+            need = {"kv": "--keys or --lengths", "lines": "--lines or --lengths"}.get(a.task, "--lengths")
+            raise tasks.TaskError(f"--task={a.task} needs {need}")
+        subtasks = []
+        if a.task == "ruler":
+            from cream_jax import ruler
+
+            subtasks = list(ruler.TASKS) if a.ruler_tasks == "all" else a.ruler_tasks.split(",")
+            unknown = [t for t in subtasks if t not in ruler.TASKS]
+            if unknown:
+                raise tasks.TaskError(f"unknown RULER task(s) {', '.join(unknown)}; allowed: {', '.join(ruler.TASKS)}"
+                                      f" or all")
+        if a.task in ("ppl", "ruler"):
             from cream_jax.data import sources
 
-            docs = list(sources.read_documents(sources.resolve_files(a.corpus)))
-            rows = summary = perplexity(cfg, params, tok, docs, lengths, a.windows, a.chunk)
+            corpus_files = sources.resolve_files(a.corpus)  # a bad corpus fails here, before the model loads
+        cfg, params, tok, label = load(a)
+        if a.task == "ppl":
+            docs = list(sources.read_documents(corpus_files))
+            count = a.documents if a.ppl_mode == "documents" else a.windows
+            rows = summary = perplexity(cfg, params, tok, docs, lengths, mode=a.ppl_mode, count=count,
+                                        chunk=a.chunk)
         else:
-            key = GRID[a.task]
-            grid = [float(x) for x in (a.depths if key == "depth" else a.positions).split(",")] if key else [None]
-            examples = make_examples(a.task, tok, lengths, grid, a.samples, a.seed)
-            rows = run_generation(a.task, cfg, params, tok, examples, a.batch, a.chunk)
+            examples = make_examples(a.task, tok, lengths=lengths, depths=[float(x) for x in a.depths.split(",")],
+                                     keys=keys, lines=lines, subtasks=subtasks, samples=a.samples, seed=a.seed,
+                                     corpus=a.corpus, chat=chat)
+            rows = run_generation(cfg, params, tok, examples, a.batch, a.chunk)
             summary = summarize(a.task, rows)
     except (tasks.TaskError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -246,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     md = table(a.task, summary)
-    (out / f"{a.task}.json").write_text(json.dumps({"model": label, "task": a.task, "summary": summary,
-                                                    "rows": rows}, indent=1) + "\n")
+    (out / f"{a.task}.json").write_text(json.dumps({"model": label, "task": a.task, "chat": a.chat,
+                                                    "summary": summary, "rows": rows}, indent=1) + "\n")
     (out / f"{a.task}.md").write_text(f"# {a.task}: {label}\n\n{md}\n")
     plot(a.task, summary, out / f"{a.task}.png", f"{a.task}: {label}")
     print(md)
