@@ -138,9 +138,18 @@ def summarize(task: str, rows: list) -> list[dict]:
     groups = defaultdict(list)
     for r in rows:
         groups[tuple(r[a] for a in axes)].append(r)
+    def order(cell):  # numbers ascending; RULER's tasks in RULER's order
+        return [x if not isinstance(x, str) else _ruler_tasks().index(x) for x in cell]
+
     return [{**dict(zip(axes, cell)), "n": len(v), "tokens": round(float(np.mean([r["tokens"] for r in v]))),
              "accuracy": float(np.mean([r["score"] for r in v]))}
-            for cell, v in sorted(groups.items(), key=lambda kv: [(isinstance(x, str), x) for x in kv[0]])]
+            for cell, v in sorted(groups.items(), key=lambda kv: order(kv[0]))]
+
+
+def _ruler_tasks() -> tuple[str, ...]:
+    from cream_jax import ruler
+
+    return ruler.TASKS
 
 
 def sequence_nll(cfg, params, ids, chunk: int) -> np.ndarray:

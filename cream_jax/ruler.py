@@ -579,14 +579,18 @@ def build(tok, task: str, length: int, rng: np.random.Generator, corpus: str = "
         raise TaskError(f"length={length} leaves no room for a {task} prompt after its {TOKENS_TO_GENERATE[family]} "
                         f"answer tokens; use a longer length")
     chat_wrap("", chat)  # an unknown chat template fails before any work
-    if family == "niah":
-        ids, text, answer, n, extra = _niah(tok, task, budget, rng, corpus, chat)
-    elif family == "vt":
-        ids, text, answer, n, extra = _vt(tok, budget, rng, chat)
-    elif family == "cwe":
-        ids, text, answer, n, extra = _cwe(tok, length, budget, rng, chat)
-    else:
-        ids, text, answer, n, extra = _fwe(tok, length, budget, rng, chat)
+    try:
+        if family == "niah":
+            ids, text, answer, n, extra = _niah(tok, task, budget, rng, corpus, chat)
+        elif family == "vt":
+            ids, text, answer, n, extra = _vt(tok, budget, rng, chat)
+        elif family == "cwe":
+            ids, text, answer, n, extra = _cwe(tok, length, budget, rng, chat)
+        else:
+            ids, text, answer, n, extra = _fwe(tok, length, budget, rng, chat)
+    except TaskError as e:  # the budget is the user's length less the answer: say both
+        raise TaskError(f"RULER {task} at length={length} (a prompt budget of {budget} tokens after its "
+                        f"{TOKENS_TO_GENERATE[family]} answer tokens): {e}") from None
     meta = {"task": "ruler", "subtask": task, "length": length, "budget": budget, "tokens": len(ids), "units": n,
             "chat": chat, **extra}
     if family == "niah" and NIAH[task].haystack == "essay":

@@ -58,7 +58,8 @@ def test_evaluate_cli_every_task(tiny_hf, tmp_path, capsys):
         assert result["summary"], task
         assert _image_renders(out / f"{task}.png"), task
     passkey = json.loads((out / "passkey.json").read_text())["rows"]
-    assert len(passkey) == 2 * 3 * 2 and all(r["length"] - 40 < r["tokens"] <= r["length"] for r in passkey)  # within a filler unit
+    assert len(passkey) == 2 * 3 * 2
+    assert all(r["length"] - 40 < r["tokens"] <= r["length"] for r in passkey)  # short by less than a filler
     kv = json.loads((out / "kv.json").read_text())["summary"]
     assert {r["keys"] for r in kv} == {3, evaluate.tasks.kv_keys_for_length(tiny_hf[2], 400)}
     assert all(r["tokens"] <= 400 for r in kv if r["keys"] != 3)
@@ -87,18 +88,19 @@ def test_ruler_on_tiny_cream_checkpoint(tmp_path, capsys):
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     run = subprocess.run([sys.executable, "-m", "cream_jax.train", f"--config={ROOT / 'configs' / 'tiny_cream.py'}",
-                          f"--workdir={tmp_path / 'run'}", "--config.train.steps=2", "--config.train.log_every=1"],
+                          f"--workdir={tmp_path / 'run'}", "--config.train.steps=2", "--config.train.warmup_steps=1",
+                          "--config.train.log_every=1"],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     out = tmp_path / "out"
-    assert evaluate.main([f"--ckpt={tmp_path / 'run'}", "--task=ruler", "--lengths=512", "--samples=1",
+    assert evaluate.main([f"--ckpt={tmp_path / 'run'}", "--task=ruler", "--lengths=2048", "--samples=1",
                           "--batch=11", f"--out={out}"]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == "| task | 512 |" and printed[-1].startswith("| **average** |")
+    assert printed[0] == "| task | 2048 |" and printed[-1].startswith("| **average** |")
     assert [row.split(" | ")[0][2:] for row in printed[2:-1]] == list(ruler.TASKS)
     rows = json.loads((out / "ruler.json").read_text())["rows"]
     assert sorted(r["subtask"] for r in rows) == sorted(ruler.TASKS)
-    assert all(0 <= r["score"] <= 1 and r["tokens"] <= 512 for r in rows)
+    assert all(0 <= r["score"] <= 1 and r["tokens"] <= 2048 for r in rows)
     assert _image_renders(out / "ruler.png")
 
 
