@@ -300,6 +300,7 @@ def export_and_answer(run: Path, tokenizer: Path, out: Path, length: int, seed: 
     ours = evaluate.run_generation(module.config, params, tok, [ex], batch=1, chunk=length,
                                    progress=False)[0]["output"]
     return {"export": str(out), "model_class": type(model).__name__, "prompt_tokens": int(ids.shape[1]),
+            "prompt_ids_equal": ids[0].tolist() == ex.ids,  # transformers' tokenizer gives our prompt's ids
             "expected": ex.answer, "answer": answer.strip(), "correct": tasks.score("passkey", answer, ex.answer),
             "cream_jax_answer": ours.strip()}
 

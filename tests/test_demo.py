@@ -47,7 +47,8 @@ def test_results_folder(quick_demo):
 def test_hf_export_answered_by_transformers(quick_demo):
     export = json.loads((quick_demo / "results.json").read_text())["export"]
     assert export["model_class"] == "LlamaForCausalLM"
-    assert export["prompt_tokens"] == demo.Recipe.quick().target
+    assert demo.Recipe.quick().target - 40 < export["prompt_tokens"] <= demo.Recipe.quick().target
+    assert export["prompt_ids_equal"]  # transformers' tokenizer on the prompt's text gives our ids
     # transformers from the export and cream-jax from the checkpoint answer the same prompt alike (greedy, fp32)
     assert export["answer"] == export["cream_jax_answer"] != ""
     hf_config = json.loads((quick_demo / "hf" / "config.json").read_text())
