@@ -33,10 +33,12 @@ def torch_and_transformers():
 
 # `make test` runs two pytest-xdist workers that take whole files (--dist loadfile) in collection order
 # (--no-loadscope-reorder). Longest first, so that no long file is left to run alone at the end; the rest
-# keep their default order. Worker seconds on 2 cores (Intel Xeon), 2026-12-01: plan 346, train 178,
-# checkpoint 161, attention 153, data 124, bench 118, launch 99, model 95, demo 86; each other file under 50.
+# keep their default order. Worker seconds on 2 cores (Intel Xeon): plan 319, train 181, checkpoint 174,
+# attention 150, data 126, bench 123, launch 116, demo 94, model 86, evaluate 69, generate 44; each other
+# file under 30.
 LONGEST_FIRST = ["test_plan.py", "test_train.py", "test_checkpoint.py", "test_attention.py", "test_data.py",
-                 "test_bench.py", "test_launch.py", "test_model.py", "test_demo.py"]
+                 "test_bench.py", "test_launch.py", "test_demo.py", "test_model.py", "test_evaluate.py",
+                 "test_generate.py"]
 
 
 def pytest_collection_modifyitems(items):
