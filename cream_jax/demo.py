@@ -29,6 +29,11 @@ import numpy as np
 
 METHODS = ("plain", "pose", "cream")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# The demo's passkey prompts: five-digit keys, sentences joined by spaces (`tasks.passkey_text`'s "spaced"), a
+# format its 2-layer model learns within N in this CPU budget; in PoSE's own layout (keys 1-50000, newline-
+# separated parts) it did not (docs/demo_recipe.md). `python -m cream_jax.evaluate` uses PoSE's layout.
+KEY_RANGE = (10000, 99999)
+PASSKEY_STYLE = "spaced"
 
 
 @dataclasses.dataclass
@@ -95,8 +100,8 @@ def prepare_data(r: Recipe, out: Path, novels: list[str]):
         corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in novels))
         template = data / "passkey_template.txt"
         rng = np.random.default_rng(r.seed)
-        template.write_text("\n".join(tasks.passkey_text(1, 1, k) + f" {k}."
-                                      for k in rng.integers(*tasks.PASSKEY_KEYS, 2000)))
+        template.write_text("\n".join(tasks.passkey_text(1, 1, k, PASSKEY_STYLE) + f" {k}."
+                                      for k in rng.integers(*KEY_RANGE, 2000)))
         tok_lib.train([corpus, template], r.vocab_size, model.parent)
     tok = tok_lib.Tokenizer(model)
     corpus_tokens = sum(len(x) for x in tok.encode(novels, bos=False, eos=False))
@@ -109,7 +114,8 @@ def prepare_data(r: Recipe, out: Path, novels: list[str]):
                          f"use --window {shortest + 16} or more")
     docs = []
     for _ in range(n_passkey):  # prompt + answer fit the window: the question is always in the same row
-        ex = tasks.passkey(tok, int(rng.integers(shortest, r.window - 8)), float(rng.random()), rng)
+        ex = tasks.passkey(tok, int(rng.integers(shortest, r.window - 8)), float(rng.random()), rng,
+                           key_range=KEY_RANGE, style=PASSKEY_STYLE)
         docs.append(ex.text + f" {ex.answer}.")
     path = data / "train.jsonl"
     with path.open("w") as f:
@@ -125,7 +131,7 @@ def _fits(tok, length: int) -> bool:
     from cream_jax import tasks
 
     try:
-        tasks.passkey(tok, length, 0.0, np.random.default_rng(0))
+        tasks.passkey(tok, length, 0.0, np.random.default_rng(0), key_range=KEY_RANGE, style=PASSKEY_STYLE)
         return True
     except tasks.TaskError:
         return False
@@ -228,7 +234,8 @@ def train(r: Recipe, name: str, c, out: Path) -> dict:
 def passkey_eval(cfg, params, tok, lengths, samples: int, seed: int) -> list[dict]:
     from cream_jax import evaluate
 
-    examples = evaluate.make_examples("passkey", tok, lengths=lengths, depths=DEPTHS, samples=samples, seed=seed)
+    examples = evaluate.make_examples("passkey", tok, lengths=lengths, depths=DEPTHS, samples=samples, seed=seed,
+                                      key_range=KEY_RANGE, style=PASSKEY_STYLE)
     rows = evaluate.run_generation(cfg, params, tok, examples, batch=40, chunk=max(lengths), progress=False)
     return evaluate.summarize("passkey", rows)
 
@@ -291,7 +298,7 @@ def export_and_answer(run: Path, tokenizer: Path, out: Path, length: int, seed: 
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     tok = tok_lib.Tokenizer(tokenizer)
-    ex = tasks.passkey(tok, length, 0.5, np.random.default_rng(seed))
+    ex = tasks.passkey(tok, length, 0.5, np.random.default_rng(seed), key_range=KEY_RANGE, style=PASSKEY_STYLE)
     ids = hf_tok(ex.text, return_tensors="pt").input_ids  # transformers' tokenizer on the prompt's text
     with torch.no_grad():
         new = model.generate(ids, max_new_tokens=tasks.answer_tokens("passkey"), do_sample=False)[0, ids.shape[1]:]

@@ -8,7 +8,7 @@
     python -m cream_jax.evaluate --ckpt RUN_DIR --task ppl --lengths 4096,8192 --corpus austen
 
 Each task follows its reference's prompt and metric (docs/evaluation.md): passkey as PoSE's eval_passkey,
-kv as lost-in-the-middle (best_subspan_em), lines as LongChat's generator, RULER's synthetic tasks with its
+kv as lost-in-the-middle, lines as LongChat's generator scored as CREAM, RULER's synthetic tasks with its
 templates and string-match metrics, perplexity as CREAM's eval_ppl (`--ppl-mode sliding` for windows over the
 concatenated corpus). A prompt is its text encoded once; its true token count is in every result row.
 Generation decodes greedily with the KV cache (`cream_jax.generate`), prompts of similar length batched
@@ -62,15 +62,18 @@ def load(args) -> tuple:
 
 
 def make_examples(task: str, tok, *, lengths=(), depths=(), keys=(), lines=(), subtasks=(), samples: int = 1,
-                  seed: int = 0, corpus: str = "austen", chat: str | None = None) -> list[tasks.Example]:
+                  seed: int = 0, corpus: str = "austen", chat: str | None = None,
+                  key_range: tuple[int, int] = tasks.PASSKEY_KEYS, style: str = "pose") -> list[tasks.Example]:
     """`samples` prompts per grid cell, reproducible by `seed`. kv and lines: the counts in `keys` / `lines`,
-    and for each of `lengths` the largest count that fits it; kv asks every gold index of each count."""
+    and for each of `lengths` the largest count that fits it; kv asks every gold index of each count.
+    `key_range`, `style`: passkey's keys and prompt format (`tasks.passkey`; PoSE's by default)."""
     rng = np.random.default_rng(seed)
     out = []
     if task == "passkey":
         for length in lengths:
             for depth in depths:
-                out += [tasks.passkey(tok, length, depth, rng, chat=chat) for _ in range(samples)]
+                out += [tasks.passkey(tok, length, depth, rng, chat=chat, key_range=key_range, style=style)
+                        for _ in range(samples)]
     elif task == "kv":
         counts = list(keys) + [tasks.kv_keys_for_length(tok, length, chat=chat) for length in lengths]
         for k in dict.fromkeys(counts):

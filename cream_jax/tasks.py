@@ -151,22 +151,36 @@ def _spare(tok, items: list[str], n: int) -> int:
 # ----------------------------------------------------------------------------- passkey (PoSE)
 
 
-def passkey_text(n_prefix: int, n_suffix: int, key: int | str) -> str:
-    """PoSE's passkey prompt: the intro, the filler n_prefix times, the pass-key line, the filler n_suffix
-    times and the question, joined by newlines (the filler repeats with no separator)."""
+PASSKEY_STYLES = ("pose", "spaced")
+
+
+def passkey_text(n_prefix: int, n_suffix: int, key: int | str, style: str = "pose") -> str:
+    """The passkey prompt: the intro, the filler n_prefix times, the pass-key line, the filler n_suffix times
+    and the question. style "pose" (PoSE's, the default): the five parts joined by newlines, the filler repeated
+    with no separator; "spaced": every sentence joined by one space, one paragraph (the format `make demo`
+    pretrains its tiny model on)."""
     info = f"The pass key is {key}. Remember it. {key} is the pass key."
-    return "\n".join([PASSKEY_INTRO, FILLER * n_prefix, info, FILLER * n_suffix, PASSKEY_QUESTION])
+    if style == "pose":
+        return "\n".join([PASSKEY_INTRO, FILLER * n_prefix, info, FILLER * n_suffix, PASSKEY_QUESTION])
+    if style == "spaced":
+        return " ".join([PASSKEY_INTRO, *[FILLER] * n_prefix, info, *[FILLER] * n_suffix, PASSKEY_QUESTION])
+    raise TaskError(f"unknown passkey style {style!r}; allowed: {', '.join(PASSKEY_STYLES)}")
 
 
-def passkey(tok, length: int, depth: float, rng: np.random.Generator, chat: str | None = None) -> Example:
+def passkey(tok, length: int, depth: float, rng: np.random.Generator, chat: str | None = None,
+            key_range: tuple[int, int] = PASSKEY_KEYS, style: str = "pose") -> Example:
     """A passkey prompt of at most `length` tokens (BOS included): the most filler repetitions that fit, the
-    pass-key line after round(depth * total) of them."""
+    pass-key line after round(depth * total) of them; the key uniform in `key_range` (inclusive; PoSE's by
+    default); `style` as `passkey_text`."""
     if not 0.0 <= depth <= 1.0:
         raise TaskError(f"depth={depth} must be in [0, 1]")
-    key = int(rng.integers(PASSKEY_KEYS[0], PASSKEY_KEYS[1] + 1))
+    if not 0 <= key_range[0] <= key_range[1]:
+        raise TaskError(f"key_range={key_range} must be (low, high) with 0 <= low <= high")
+    passkey_text(0, 0, 0, style)  # an unknown style fails before any work
+    key = int(rng.integers(key_range[0], key_range[1] + 1))
 
     def build(n: int) -> str:
-        return chat_wrap(passkey_text(round(depth * n), n - round(depth * n), key), chat)
+        return chat_wrap(passkey_text(round(depth * n), n - round(depth * n), key, style), chat)
 
     n, ids, text = fit(tok, build, length, what="passkey prompt")
     n_prefix = round(depth * n)

@@ -90,6 +90,20 @@ def test_passkey_prompts(llama_tok, length):
     assert wrapped.text.startswith("[INST] There is an important info") and wrapped.text.endswith(" [/INST]")
 
 
+def test_passkey_spaced_style_and_key_range(llama_tok):
+    """The demo's variant: every sentence joined by one space, keys from the range given; still one encoding."""
+    ex = tasks.passkey(llama_tok, 512, 0.5, np.random.default_rng(2), key_range=(10000, 99999), style="spaced")
+    assert_one_encoding(llama_tok, ex)
+    key, n = int(ex.answer), ex.meta["n_total"]
+    assert 10000 <= key <= 99999 and "\n" not in ex.text
+    assert ex.text == tasks.passkey_text(round(0.5 * n), n - round(0.5 * n), key, "spaced")
+    assert f"again. The pass key is {key}. Remember it. {key} is the pass key. The grass" in ex.text
+    with pytest.raises(tasks.TaskError, match="unknown passkey style 'glued'; allowed: pose, spaced"):
+        tasks.passkey(llama_tok, 512, 0.5, np.random.default_rng(2), style="glued")
+    with pytest.raises(tasks.TaskError, match=r"key_range=\(5, 1\)"):
+        tasks.passkey(llama_tok, 512, 0.5, np.random.default_rng(2), key_range=(5, 1))
+
+
 def test_lines_prompts(llama_tok):
     ex = tasks.lines(llama_tok, 40, np.random.default_rng(1), index=7)
     assert_one_encoding(llama_tok, ex)
