@@ -111,25 +111,26 @@ def run_generation(cfg, params, tok, examples, batch: int, chunk: int, progress:
     in the references); the rest is not scored."""
     from tqdm.auto import tqdm
 
-    groups = defaultdict(list)
+    groups = defaultdict(list)  # new tokens -> [(example, its scorer)]
     for ex in examples:
-        groups[_scorer(ex)[0]].append(ex)
+        new, score = _scorer(ex)
+        groups[new].append((ex, score))
     rows = []
     bar = tqdm(total=len(examples), desc=examples[0].meta["task"] if examples else "", unit="prompt",
                disable=not progress)
     for new, group in sorted(groups.items()):
-        group = sorted(group, key=lambda ex: len(ex.ids))
+        group = sorted(group, key=lambda pair: len(pair[0].ids))
         for i in range(0, len(group), batch):
             part = group[i:i + batch]
-            prompts, start = generate.left_pad([ex.ids for ex in part], multiple=SHAPE_MULTIPLE)
+            prompts, start = generate.left_pad([ex.ids for ex, _ in part], multiple=SHAPE_MULTIPLE)
             max_len = -(-(prompts.shape[1] + new) // SHAPE_MULTIPLE) * SHAPE_MULTIPLE
             out = generate.generate(cfg, params, prompts, new, chunk=chunk, start_B=start, max_len=max_len,
                                     stop_token=tok.eos_id)
-            for ex, row in zip(part, out[:, prompts.shape[1]:]):
+            for (ex, score), row in zip(part, out[:, prompts.shape[1]:]):
                 row = list(row)
                 text = tok.decode(row[:row.index(tok.eos_id)] if tok.eos_id in row else row)
-                score = float(_scorer(ex)[1](text))
-                rows.append({**ex.meta, "tokens": len(ex.ids), "answer": ex.answer, "output": text, "score": score})
+                rows.append({**ex.meta, "tokens": len(ex.ids), "answer": ex.answer, "output": text,
+                             "score": float(score(text))})
             bar.update(len(part))
     bar.close()
     return rows
