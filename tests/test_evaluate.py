@@ -111,7 +111,9 @@ def test_perplexity_as_cream_eval_ppl(tiny_hf):
     from cream_jax import model as model_lib
 
     cfg, params, tok, _ = tiny_hf
-    text = (ROOT / "README.md").read_text()
+    from cream_jax.data import sources
+
+    text = next(sources.read_documents(sources.resolve_files("botchan")))
     docs = [text[:200], text[1000:6000], text[6000:12000], text[12000:13000]]
     sizes = [len(x) for x in tok.encode(docs, bos=False, eos=False)]
     assert sizes[0] < 127 <= min(sizes[1:3])  # the first document is too short for T = 128
