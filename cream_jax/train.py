@@ -429,9 +429,7 @@ def _train(c, cfg: LlamaConfig, workdir: Path, setup: Setup, mesh, data, lead: b
         (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
         _keep_metrics_up_to(workdir / "metrics.jsonl", start)
         _write_status(workdir, "running", start)
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(str(workdir / "tensorboard"))
+        writer = _summary_writer(workdir / "tensorboard")
         print(f"cream-jax train: {origin}; {cfg.num_params() / 1e6:.1f}M params; mesh {dict(mesh.shape)}; "
               f"positions {setup.method} N={setup.window} L={setup.target}; data: {data.description}", flush=True)
     history = []
@@ -481,6 +479,20 @@ def _train(c, cfg: LlamaConfig, workdir: Path, setup: Setup, mesh, data, lead: b
         if writer is not None:
             writer.close()
     return history
+
+
+def _summary_writer(logdir: Path):
+    """tensorboardX's SummaryWriter. tensorboardX imports torch, when installed, only to accept torch tensors
+    (about 2 s); the loop logs floats, so torch stays unimported unless something else already imported it."""
+    hide_torch = "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide_torch:
+            del sys.modules["torch"]
+    return SummaryWriter(str(logdir))
 
 
 class _nullfile:

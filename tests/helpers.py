@@ -1,17 +1,30 @@
-"""Shared test helpers: tiny random transformers Llamas saved to disk."""
+"""Shared test helpers: tiny random transformers Llamas saved to disk, the environment for CLI subprocesses."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
-import torch
-import transformers
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)
 
 
-def random_hf_llama(path, seed: int = 0, std: float = 0.2, **overrides) -> transformers.LlamaForCausalLM:
+def cli_env(devices: int | None = None, **extra: str) -> dict[str, str]:
+    """The environment for a CLI subprocess: this session's XLA flags (see conftest.py) with `devices`
+    simulated CPU devices (None: one, XLA's default), on CPU."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    if devices:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags), **extra)
+
+
+def random_hf_llama(path, seed: int = 0, std: float = 0.2, **overrides):
     """A transformers Llama with random weights (large enough std that errors would show), saved to `path`."""
+    import torch
+    import transformers
+
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(**{**TINY, **overrides}, attn_implementation="eager")
     model = transformers.LlamaForCausalLM(cfg).eval()
@@ -23,6 +36,8 @@ def random_hf_llama(path, seed: int = 0, std: float = 0.2, **overrides) -> trans
 
 
 def hf_logits(model, tokens: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    import torch
+
     with torch.no_grad():
         return model(torch.from_numpy(tokens), position_ids=torch.from_numpy(position_ids)).logits.numpy()
 

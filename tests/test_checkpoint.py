@@ -17,6 +17,7 @@ from flax import nnx
 
 from cream_jax import checkpoint, generate, sharding, train
 from cream_jax import train_config as tc
+from helpers import cli_env
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40
@@ -28,7 +29,7 @@ class Run:
     """The train CLI in a subprocess, its output in a file (a pipe nobody reads could fill and block it)."""
 
     def __init__(self, workdir, *extra):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+        env = cli_env(devices=1)
         self.log = Path(str(workdir) + f".{time.time_ns()}.log")
         with open(self.log, "w") as f:
             self.proc = subprocess.Popen(
@@ -194,7 +195,7 @@ def test_sigterm_on_one_host_stops_all_hosts_at_the_same_step(tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = cli_env(devices=4)
     procs, logs = [], []
     for i in range(2):
         logs.append(open(tmp_path / f"p{i}.log", "w"))

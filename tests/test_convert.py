@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 from cream_jax import checkpoint, convert
-from helpers import random_hf_llama
+from helpers import cli_env, random_hf_llama
 from test_hf_bridge import assert_bit_identical, read_all
 
 
@@ -51,7 +51,7 @@ print([line.split()[1] for line in open("/proc/self/status") if line.startswith(
 
 
 def _peak_rss_mib(module, *args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = cli_env()
     out = subprocess.run([sys.executable, "-c", _REPORT_PEAK, module, *args], env=env, check=True,
                          capture_output=True, text=True).stdout
     return int(out.split()[-1]) / 1024

@@ -21,6 +21,7 @@ from cream_jax.data import cache as cache_lib
 from cream_jax.data import corpora, pipeline, sources
 from cream_jax.data import tokenizer as tok_lib
 from cream_jax.data.sources import DataError
+from helpers import cli_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -365,11 +366,10 @@ def test_chat_data_trains_on_answers(tmp_path):
 def test_tiny_cream_cli_learns_real_english(tmp_path, bpe1000, austen_docs):
     """`python -m cream_jax.train --config=configs/tiny_cream.py` on Jane Austen: the loss falls well below the
     corpus's unigram entropy (what a model that ignores context achieves)."""
-    import os
     import subprocess
     import sys
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = cli_env(devices=1)
     run = subprocess.run([sys.executable, "-m", "cream_jax.train", f"--config={ROOT / 'configs' / 'tiny_cream.py'}",
                           f"--workdir={tmp_path}", "--config.train.log_every=20"],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -3,7 +3,6 @@ perplexity as CREAM's eval_ppl computes it, and bad input rejected before the mo
 generators and scorers are tested in test_tasks.py and test_ruler.py."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from cream_jax import evaluate
 from cream_jax.data import tokenizer as tok_lib
+from helpers import cli_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def test_ruler_on_tiny_cream_checkpoint(tmp_path, capsys):
     answered and scored; the table has a row per task and their average, one column per length."""
     from cream_jax import ruler
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = cli_env(devices=1)
     run = subprocess.run([sys.executable, "-m", "cream_jax.train", f"--config={ROOT / 'configs' / 'tiny_cream.py'}",
                           f"--workdir={tmp_path / 'run'}", "--config.train.steps=2", "--config.train.warmup_steps=1",
                           "--config.train.log_every=1"],

@@ -2,7 +2,10 @@
 shell scripts pass shellcheck; tpu_pod.sh --dry-run prints the gcloud commands; local.sh and the Colab
 notebook's cells run end to end on this CPU."""
 
+import contextlib
 import functools
+import importlib
+import io
 import json
 import os
 import re
@@ -42,13 +45,22 @@ def _commands():
     return out
 
 
+ABSL_CLIS = {"cream_jax.train", "cream_jax.plan"}  # absl flags are process-global: their --help runs apart
+
+
 @functools.cache
 def _known_flags(module: str, sub: str | None) -> frozenset:
-    args = [sys.executable, "-m", module, *([sub] if sub else []), "--help"]
-    run = subprocess.run(args, env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
-    text = run.stdout + run.stderr
-    assert "usage" in text.lower() or "flags" in text.lower(), (args, text[-2000:])
+    argv = [*([sub] if sub else []), "--help"]
+    if module in ABSL_CLIS:
+        run = subprocess.run([sys.executable, "-m", module, *argv], env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        text = run.stdout + run.stderr
+    else:  # argparse: its help, printed in this process
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), pytest.raises(SystemExit):
+            importlib.import_module(module).main(argv)
+        text = out.getvalue()
+    assert "usage" in text.lower() or "flags" in text.lower(), (module, argv, text[-2000:])
     return frozenset(re.findall(r"--(?:\[no\])?([A-Za-z0-9_-]+)", text))
 
 

@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 from cream_jax import attention, plan, sharding, tpu
 from cream_jax import train_config as tc
 from test_train import ROOT
+from helpers import cli_env
 
 
 def tiny_plan_config(**model):
@@ -65,7 +65,7 @@ def test_splash_kernels_are_counted_as_compiled():
 
 
 def test_cli_prints_the_table_and_writes_json(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = cli_env()
     run = subprocess.run([sys.executable, "-m", "cream_jax.plan", f"--config={ROOT / 'configs' / 'tiny_cream.py'}",
                           "--topology=v5e-4", "--config.train.global_batch=4", "--config.model.remat=full",
                           f"--json={tmp_path / 'plan.json'}",
