@@ -110,7 +110,7 @@ class Sizes:
 FULL = Sizes(train=(TrainSize(512, 4, 1024, 2), TrainSize(1024, 8, 2048, 1)), steps=7, pairs=7, warmup=2, budget_s=600,
              attn_lengths=(1024, 2048, 4096, 8192, 16384, 32768),
              attn_time_max={"dot_product": 8192, "blockwise": 32768}, attn_block=0)
-QUICK = Sizes(train=(TrainSize(128, 2, 256, 2, vocab=1024),), steps=3, pairs=3, warmup=1, budget_s=60,
+QUICK = Sizes(train=(TrainSize(64, 1, 128, 2, vocab=512),), steps=3, pairs=3, warmup=1, budget_s=60,
               attn_lengths=(512, 1024, 2048), attn_time_max={"dot_product": 512, "blockwise": 512}, attn_block=128)
 BACKENDS = ("dot_product", "blockwise")
 
