@@ -1,4 +1,4 @@
-"""CREAM, Llama-2-7B, 4K -> 32K with linear position interpolation (the paper's main recipe, SPEC 6)."""
+"""CREAM, Llama-2-7B, 4K -> 32K with linear position interpolation (the paper's main recipe; docs/methods.md)."""
 
 from cream_jax.train_config import base, pg19
 
@@ -12,7 +12,7 @@ def get_config(factor: int = 8):
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
     # `full` fits on any topology that holds the model; on v5p-8 (8 sequences per chip), `save_proj` with
-    # train.grad_accum=2 plans 18 % faster: `python -m cream_jax.plan ... --search=all` (docs/plan_v5p8.md).
+    # train.grad_accum=2 plans faster: `python -m cream_jax.plan ... --search=all` (docs/plan_v5p8.md).
     c.model.remat = "full"
     c.model.attention = "auto"  # Pallas splash on TPU, blockwise elsewhere
     c.positions.method = "cream"

@@ -1,4 +1,4 @@
-"""Entropy-aware ABF, Llama-2-7B(-chat), full-length 16K fine-tuning (the EABF paper's recipe, SPEC 6)."""
+"""Entropy-aware ABF, Llama-2-7B(-chat), full-length 16K fine-tuning (the EABF paper's recipe; docs/methods.md)."""
 
 from cream_jax.train_config import base, pg19
 

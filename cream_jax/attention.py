@@ -16,7 +16,7 @@ the model multiplies q by its scale before calling.
   pair's probabilities are recomputed once for dq, dk and dv together.
 - `splash`: jax's Pallas TPU kernel (`splash.py`).
 
-`blockwise` and `splash` name their forward pass's output and logsumexp `RESIDUALS`: a remat policy
+`blockwise` and `splash` name their forward pass's output and logsumexp `ATTENTION_RESIDUALS`: a remat policy
 that saves them (`model.remat_policy`) spares the backward pass a second forward pass.
 """
 
@@ -29,7 +29,9 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-RESIDUALS = "attention_residuals"
+from cream_jax import platform as platform_lib
+from cream_jax.config import ATTENTION_RESIDUALS
+
 _MASKED = -1e30  # finite, so a fully masked (padding) row gives zeros, not NaN
 
 # XLA's cost analysis counts a while loop's body once, so the planner compiles a copy of the step with
@@ -74,23 +76,22 @@ def _fori(lower, upper, body, init):
     return jax.lax.fori_loop(lower, upper, body, init)
 
 
-# Block length per backend when `block_size` is 0. Pure-JAX blockwise on CPU is fastest at 128 for
-# training lengths (forward + backward at S = 1024: 109 ms against 193 ms at 512; at 4096: 1.54 s against
-# 1.79 s), though 512 is about 10 % faster from 8K on. Splash's blocks tile the TPU's MXU.
+# Block length per backend when `block_size` is 0. Pure-JAX blockwise on CPU is fastest at 128 for training
+# lengths, 512 from about 8K on (`python -m cream_jax.bench`, docs/bench.md). Splash's blocks tile the TPU's MXU.
 DEFAULT_BLOCK_SIZE = {"blockwise": 128, "splash": 512}
 
 
-def block_size_for(backend: str, block_size: int = 0) -> int:
+def block_size_for(backend: str, block_size: int = 0, platform: str = "") -> int:
     """`block_size`, or the resolved backend's default when it is 0."""
-    return block_size or DEFAULT_BLOCK_SIZE.get(resolve_backend(backend), 0)
+    return block_size or DEFAULT_BLOCK_SIZE.get(resolve_backend(backend, platform), 0)
 
 
-def attend(q, k, v, segment_ids=None, *, backend: str = "dot_product", block_size: int = 0):
+def attend(q, k, v, segment_ids=None, *, backend: str = "dot_product", block_size: int = 0, platform: str = ""):
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads.")
     if segment_ids is None:
         segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
-    backend = resolve_backend(backend)
+    backend = resolve_backend(backend, platform)
     block_size = block_size_for(backend, block_size)
     if backend == "dot_product":
         return dot_product_attention(q, k, v, segment_ids)
@@ -99,31 +100,15 @@ def attend(q, k, v, segment_ids=None, *, backend: str = "dot_product", block_siz
     if backend == "splash":
         from cream_jax.splash import splash_attention
 
-        return splash_attention(q, k, v, segment_ids, block_size=block_size, interpret=target_platform() != "tpu")
+        interpret = platform_lib.resolve(platform) != "tpu"  # Pallas's interpreter: the kernel on CPU, for tests
+        return splash_attention(q, k, v, segment_ids, block_size=block_size, interpret=interpret)
     raise ValueError(f"Unknown attention backend {backend!r}; use 'auto', 'dot_product', 'blockwise' or 'splash'.")
 
 
-# The platform being compiled for: the default backend, or a TPU while the planner compiles ahead of time.
-_TARGET_PLATFORM = contextvars.ContextVar("target_platform", default=None)
-
-
-@contextlib.contextmanager
-def compiling_for(platform: str):
-    token = _TARGET_PLATFORM.set(platform)
-    try:
-        yield
-    finally:
-        _TARGET_PLATFORM.reset(token)
-
-
-def target_platform() -> str:
-    return _TARGET_PLATFORM.get() or jax.default_backend()
-
-
-def resolve_backend(backend: str) -> str:
-    """`auto` is the Pallas `splash` kernel on TPU and `blockwise` elsewhere."""
+def resolve_backend(backend: str, platform: str = "") -> str:
+    """`auto` is the Pallas `splash` kernel on TPU and `blockwise` elsewhere (`platform`: platform.py)."""
     if backend == "auto":
-        return "splash" if target_platform() == "tpu" else "blockwise"
+        return "splash" if platform_lib.resolve(platform) == "tpu" else "blockwise"
     return backend
 
 
@@ -211,7 +196,7 @@ def _flash(q, k, v, q_seg, kv_seg):
 
 
 def _flash_fwd(q, k, v, q_seg, kv_seg):
-    out, lse = (checkpoint_name(x, RESIDUALS) for x in _flash_forward(q, k, v, q_seg, kv_seg))
+    out, lse = (checkpoint_name(x, ATTENTION_RESIDUALS) for x in _flash_forward(q, k, v, q_seg, kv_seg))
     return out, (q, k, v, q_seg, kv_seg, out, lse)
 
 

@@ -1,8 +1,8 @@
 """CPU benchmark: our train step vs transformers', CREAM's sampler overhead, attention backends.
 
-    python -m cream_jax.bench [--out-dir docs] [--quick]
+    python -m cream_jax.bench [--out docs] [--quick]
 
-Prints markdown tables and writes `bench.json` and `bench.md` into `--out-dir`.
+Prints markdown tables and writes `bench.json` and `bench.md` into `--out`.
 `--quick` shrinks every size (a smoke run: under 2 minutes on 2 cores, most of it process start-ups).
 
 What is measured, and how:
@@ -37,7 +37,7 @@ are excluded). Timing: the first call (compile for ours) is timed apart,
 `warmup` more calls are discarded, then each timed call is wall-clock timed
 up to `block_until_ready` (ours) or the optimizer step's return (torch); we
 report the median. tokens/s = batch x seq / median step time; GFLOP/s uses
-`train.flops_per_token` (same model FLOPs for both frameworks). A
+`flops.flops_per_token` (same model FLOPs for both frameworks). A
 measurement whose steps would run past its time budget times fewer steps
 (never fewer than 3); the `n` column says how many. Attention: after the
 compile, one untimed call, then the median of 5 calls (3 if a call takes over
@@ -60,9 +60,8 @@ from pathlib import Path
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 # glibc keeps freed memory in one heap (one arena, no mmap'd chunks, no trimming) for the next step to reuse.
 # By default the large buffers of a step (XLA:CPU mallocs its temporaries afresh each call) are mapped fresh
-# and unmapped after, so every step page-faults them in again: about 294,000 faults and 0.5-1.0 s of system
-# time per d512 step. Reusing the heap made both frameworks 13-19 % faster here (docs/bench.md, two runs), at the price
-# of what fragmentation keeps resident: our steady peak grew 1.4-2.1x, transformers' 1.1-1.4x.
+# and unmapped after, so every step page-faults them in again. Reusing the heap makes both frameworks' steps
+# faster at the price of what fragmentation keeps resident; the `settings` section measures both (docs/bench.md).
 HEAP_REUSE = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 # Environment settings measured against the default: name -> (variables, frameworks measured with them).
 SETTINGS = {
@@ -173,7 +172,9 @@ def _our_steps(spec: dict, methods: tuple[str, ...]):
     import jax
     import numpy as np
 
-    from cream_jax import sharding, train
+    from cream_jax import sharding
+    from cream_jax import state as state_lib
+    from cream_jax import step as step_lib
     from cream_jax import train_config as tc
 
     size = TrainSize(**spec["size"])
@@ -189,14 +190,14 @@ def _our_steps(spec: dict, methods: tuple[str, ...]):
         c.mesh.update(data=1, fsdp=1, tensor=1)
         cfg = tc.validate(c, num_devices=1)
         mesh = sharding.make_mesh(dict(c.mesh), jax.devices()[:1])
-        tx, schedule = train.make_optimizer(c.train)
-        with jax.set_mesh(mesh):
-            if state is None:
-                state, shardings = train.init_state(cfg, tx, mesh, seed=0)
-                bs = train.batch_sharding(mesh)
+        built = step_lib.build(c, cfg, mesh, ("tokens", "weights"))
+        steps[method] = built.fn
+        if state is None:
+            with jax.set_mesh(mesh):
+                state, _ = state_lib.init_state(cfg, built.tx, mesh, seed=0)
+                bs = state_lib.batch_sharding(mesh)
                 tokens = _tokens(size)
                 batch = {"tokens": jax.device_put(tokens, bs), "weights": jax.device_put(np.ones_like(tokens), bs)}
-            steps[method] = train.jit_train_step(train.Setup.from_config(c, cfg), tx, schedule, shardings, mesh)
     return steps, state, batch, mesh
 
 
@@ -389,7 +390,7 @@ def _train_row(size: TrainSize, sizes: Sizes, framework: str, attention: str, me
 
 def _flops_per_step(size: TrainSize) -> float:
     from cream_jax.config import LlamaConfig
-    from cream_jax.train import flops_per_token
+    from cream_jax.flops import flops_per_token
 
     return flops_per_token(LlamaConfig(**size.dims()), size.seq) * size.batch * size.seq
 
@@ -457,12 +458,9 @@ def _fmt(x, spec: str = ".0f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
-
-
 def markdown(results: dict) -> str:
+    from cream_jax.report import markdown_table as _table  # here, not at the top: workers run without the package
+
     train = _table(
         ["config", "framework", "attention", "positions", "environment", "tokens/s", "step s (median)", "n",
          "first call s", "GFLOP/s", "peak RSS MiB", "above baseline MiB", "steady peak MiB", "cores used", "load"],
@@ -545,7 +543,7 @@ def _meta(sizes: Sizes, quick: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out-dir", default="docs")
+    p.add_argument("--out", default="docs")
     p.add_argument("--quick", action="store_true", help="shrink every size (a smoke run)")
     p.add_argument("--notes", default="", help="a line added to bench.md")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -559,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"meta": {**_meta(sizes, a.quick), "notes": a.notes}, **bench_train(sizes),
                "attention": bench_attention(sizes)}
     results["meta"]["total_s"] = time.perf_counter() - start
-    out = Path(a.out_dir)
+    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     md = markdown(results)

@@ -30,12 +30,13 @@ from flax import nnx
 
 from cream_jax import model as model_lib
 from cream_jax.config import LlamaConfig
+from cream_jax.errors import CreamError
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CreamError, ValueError):
     """A checkpoint directory is missing, incomplete or does not match the model."""
 
 

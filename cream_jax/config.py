@@ -9,9 +9,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from cream_jax.errors import CreamError
+from cream_jax.platform import PLATFORMS
+
 ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3")
 # From the least recomputation (and most memory) to the most; `model.remat_policy` says what each keeps.
 REMAT_POLICIES = ("none", "save_dots", "save_proj", "save_attention", "full")
+# The checkpoint name of the blockwise and splash forward's output and logsumexp: the `save_attention` and
+# `save_proj` policies keep what carries it, so the backward pass does not run the forward again.
+ATTENTION_RESIDUALS = "attention_residuals"
 ATTENTION_BACKENDS = ("auto", "dot_product", "blockwise", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -26,13 +32,13 @@ _ROPE_REQUIRED = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(CreamError, ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding settings (SPEC section 2). ABF is just a larger `theta`."""
+    """Rotary embedding settings (docs/methods.md). ABF is just a larger `theta`."""
 
     type: str = "default"
     theta: float = 10000.0
@@ -68,7 +74,7 @@ class RopeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EabfConfig:
-    """Entropy-aware attention-logit scaling (SPEC section 3)."""
+    """Entropy-aware attention-logit scaling (docs/methods.md)."""
 
     enabled: bool = False
     base_length: int = 4096  # c: the pre-training window
@@ -102,6 +108,7 @@ class LlamaConfig:
     attention: str = "dot_product"
     attention_block_size: int = 0  # blockwise/splash block length; 0: the backend's (attention.DEFAULT_BLOCK_SIZE)
     scan_layers: bool = True
+    platform: str = ""  # the compiler traced for (platform.py): "" = the default backend; the planner sets "tpu"
     initializer_range: float = 0.02
 
     def __post_init__(self):
@@ -135,6 +142,8 @@ class LlamaConfig:
                               ("attention", ATTENTION_BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
+        if self.platform not in PLATFORMS:
+            raise ConfigError(f"platform={self.platform!r} is not one of {PLATFORMS} ('' = jax's default backend).")
         if self.attention_block_size < 0:
             raise ConfigError(f"attention_block_size={self.attention_block_size} must be positive "
                               f"(or 0 for the backend's default).")
@@ -155,7 +164,11 @@ class LlamaConfig:
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as saved with checkpoints and runs; `platform` is left out (a compile target, not the
+        model: a checkpoint made while planning for a TPU loads anywhere)."""
+        fields = dataclasses.asdict(self)
+        del fields["platform"]
+        return fields
 
     def num_params(self) -> int:
         d, f, v, n = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers

@@ -1,6 +1,6 @@
 """Convert between Hugging Face directories and cream-jax Orbax checkpoints.
 
-    python -m cream_jax.convert hf-to-orbax --hf DIR --out DIR [--param-dtype bfloat16]
+    python -m cream_jax.convert hf-to-orbax --hf DIR --out DIR [--param_dtype bfloat16]
     python -m cream_jax.convert orbax-to-hf --ckpt DIR --out DIR [--tokenizer tokenizer.model] [--dtype bfloat16]
     python -m cream_jax.convert orbax-to-hf --ckpt RUN_DIR [--step N] --out DIR    # a train checkpoint
 
@@ -16,7 +16,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from cream_jax import checkpoint, hf
+from cream_jax import checkpoint, hf, load
+from cream_jax.errors import CreamError
+
+
+def export_hf(source: str | Path, out: str | Path, *, step: int | None = None, tokenizer: str | None = None,
+              dtype: str | None = None, max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES, progress: bool = True):
+    """A model from any source (`load.load_model`: a train run's newest or `step` checkpoint, a params
+    checkpoint, an HF directory) written as a Hugging Face directory. Returns (module, label, out)."""
+    module, label = load.load_model(source, step, progress=progress)
+    written = hf.save_hf(module, out, tokenizer=tokenizer, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                         progress=progress)
+    return module, label, written
 
 
 def _parse_size(text: str) -> int:
@@ -35,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("hf-to-orbax", help="a transformers Llama directory -> a params checkpoint")
     a.add_argument("--hf", required=True, help="directory with config.json and safetensors")
     a.add_argument("--out", required=True, help="new checkpoint directory")
-    a.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
+    a.add_argument("--param_dtype", default="float32", choices=["float32", "bfloat16"],
                    help="storage dtype of the parameters (default float32 master weights)")
     b = sub.add_parser("orbax-to-hf", help="a params checkpoint -> a transformers directory")
     b.add_argument("--ckpt", required=True, help="a params checkpoint (from hf-to-orbax) or a train run directory")
@@ -44,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--tokenizer", help="SentencePiece tokenizer.model to ship beside the weights")
     b.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="tensor dtype in the export (default: the parameters' dtype)")
-    b.add_argument("--max-shard-size", default="5GB", help="shard the safetensors above this size (e.g. 2GB)")
+    b.add_argument("--max_shard_size", default="5GB", help="shard the safetensors above this size (e.g. 2GB)")
     args = parser.parse_args(argv)
 
     try:
@@ -53,17 +64,14 @@ def main(argv: list[str] | None = None) -> int:
             module = hf.load_hf(args.hf, param_dtype=args.param_dtype)
             out = checkpoint.save_params(module, args.out)
         else:
-            if (Path(args.ckpt) / checkpoint.CHECKPOINTS_DIR).is_dir():
-                module, step = checkpoint.load_train_params(args.ckpt, args.step)
-                print(f"train checkpoint {args.ckpt} at step {step}")
-            elif args.step is not None:
-                raise checkpoint.CheckpointError(f"--step applies to train run directories; {args.ckpt} has no "
-                                                 f"{checkpoint.CHECKPOINTS_DIR}/")
-            else:
-                module = checkpoint.load_params(args.ckpt)
-            out = hf.save_hf(module, args.out, tokenizer=args.tokenizer, dtype=args.dtype,
-                             max_shard_bytes=_parse_size(args.max_shard_size))
-    except (hf.HFFormatError, checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
+            if load.source_kind(args.ckpt) == "hf":
+                raise checkpoint.CheckpointError(
+                    f"{args.ckpt} has no {checkpoint.CONFIG_FILE}: it is a Hugging Face directory already; "
+                    f"orbax-to-hf exports a params checkpoint or a train run.")
+            module, label, out = export_hf(args.ckpt, args.out, step=args.step, tokenizer=args.tokenizer,
+                                           dtype=args.dtype, max_shard_bytes=_parse_size(args.max_shard_size))
+            print(f"exported {label}")
+    except (CreamError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = module.config

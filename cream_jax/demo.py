@@ -169,13 +169,11 @@ def train_config(r: Recipe, tokenizer: Path, data: Path, *, method: str, init_fr
 def pretrain(r: Recipe, tok, tok_path: Path, data: Path, out: Path) -> dict:
     """Pretrain at N and check passkey retrieval within N (on prompts the final evaluation does not use); below
     `pretrain_target`, one more cosine cycle from those weights. Returns the run info and its HF export."""
-    from cream_jax import convert
-
     info = train(r, "pretrain", train_config(r, tok_path, data, method="pretrain"), out)
     info.update(steps=r.pretrain_steps, passkey_within_window=_within_window(r, tok, info["run"]))
     export = out / "runs" / "pretrain_hf"
     if not export.exists():
-        convert.main(["orbax-to-hf", "--ckpt", info["run"], "--out", str(export)])
+        _export(info["run"], export)
     if info["passkey_within_window"] >= r.pretrain_target:
         return {**info, "hf": str(export)}
     log(f"pretrain: below {r.pretrain_target:.2f}; {r.anneal_steps} more steps from a fresh cosine schedule")
@@ -186,11 +184,19 @@ def pretrain(r: Recipe, tok, tok_path: Path, data: Path, out: Path) -> dict:
                 seconds=info["seconds"] + more["seconds"])
     if more["passkey_within_window"] < r.pretrain_target:
         log(f"pretrain: still below {r.pretrain_target:.2f}; the extension below starts from a model that has "
-            f"not fully learned the task (try --pretrain-steps {r.pretrain_steps + 1000} or another --seed)")
+            f"not fully learned the task (try --pretrain_steps {r.pretrain_steps + 1000} or another --seed)")
     export = out / "runs" / "pretrain_anneal_hf"
     if not export.exists():
-        convert.main(["orbax-to-hf", "--ckpt", more["run"], "--out", str(export)])
+        _export(more["run"], export)
     return {**more, "hf": str(export)}
+
+
+def _export(run: str, out: Path) -> None:
+    """A train run's newest checkpoint as an HF directory (what later runs start from)."""
+    from cream_jax import convert
+
+    module, label, written = convert.export_hf(run, out, progress=False)
+    log(f"exported {label} to {written} ({module.config.num_params() / 1e6:.1f}M parameters)")
 
 
 def _within_window(r: Recipe, tok, run: str) -> float:
@@ -443,7 +449,7 @@ def main(argv=None) -> int:
     p.add_argument("--doc", default="docs/demo_seeds", help="--seeds: the table's path, without .md/.json")
     for f in dataclasses.fields(Recipe):
         if f.name != "seed":
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None)
+            p.add_argument(f"--{f.name}", type=type(f.default), default=None)
     a = p.parse_args(argv)
     overrides = {f.name: getattr(a, f.name) for f in dataclasses.fields(Recipe)
                  if f.name != "seed" and getattr(a, f.name) is not None}
@@ -451,15 +457,14 @@ def main(argv=None) -> int:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax logs every restore at WARNING/INFO
-    from cream_jax.config import ConfigError
-    from cream_jax.data.sources import DataError
+    from cream_jax.errors import CreamError
 
     try:
         if a.seeds:
             seeds_benchmark(r, [int(x) for x in a.seeds.split(",")], Path(a.out), Path(a.doc) if a.doc else None)
         else:
             run(r, Path(a.out))
-    except (ConfigError, DataError, ValueError) as e:
+    except (CreamError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -468,5 +473,5 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     from cream_jax.train import reuse_freed_memory
 
-    reuse_freed_memory()  # a CPU job: its steps take about 30 % less time (not in main(), which tests call)
+    reuse_freed_memory()  # a CPU job: faster steps (docs/bench.md); not in main(), which tests call
     sys.exit(main())

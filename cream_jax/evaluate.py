@@ -9,7 +9,7 @@
 
 Each task follows its reference's prompt and metric (docs/evaluation.md): passkey as PoSE's eval_passkey,
 kv as lost-in-the-middle, lines as LongChat's generator scored as CREAM, RULER's synthetic tasks with its
-templates and string-match metrics, perplexity as CREAM's eval_ppl (`--ppl-mode sliding` for windows over the
+templates and string-match metrics, perplexity as CREAM's eval_ppl (`--ppl_mode sliding` for windows over the
 concatenated corpus). A prompt is its text encoded once; its true token count is in every result row.
 Generation decodes greedily with the KV cache (`cream_jax.generate`), prompts of similar length batched
 together (left-padded), and stops at EOS. Writes TASK.json (every example and the summary), TASK.md (the
@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cream_jax import generate, tasks
+from cream_jax.errors import CreamError
+from cream_jax.report import markdown_table
 
 # The grid axes of each task's results (the references' axes) and what the table's rows are.
 GRID = {"passkey": ("length", "depth"), "kv": ("keys", "index"), "lines": ("lines",), "ruler": ("subtask", "length")}
@@ -39,23 +41,18 @@ SHAPE_MULTIPLE = 64  # prompts and caches are padded to multiples of this: promp
 
 
 def load(args) -> tuple:
-    """(config, params, tokenizer, label) from --ckpt (a train run) or --hf (a Hugging Face directory)."""
+    """(config, params, tokenizer, label) from --ckpt (a train run or params checkpoint) or --hf (a Hugging
+    Face directory)."""
     from flax import nnx
 
-    from cream_jax import checkpoint, hf
+    from cream_jax import load as load_lib
     from cream_jax.data import tokenizer as tok_lib
 
-    if args.ckpt:
-        module, step = checkpoint.load_train_params(args.ckpt, args.step)
-        label = f"{args.ckpt} step {step}"
-        spec = args.tokenizer
-        if not spec:
-            run_config = json.loads((Path(args.ckpt) / "config.json").read_text())
-            spec = run_config["data"]["tokenizer"] or run_config["model"]["init_from"]
-    else:
-        module = hf.load_hf(args.hf, progress=False)
-        label = str(args.hf)
-        spec = args.tokenizer or args.hf
+    source = args.ckpt or args.hf
+    module, label = load_lib.load_model(source, args.step if args.ckpt else None, progress=False)
+    spec = args.tokenizer
+    if not spec:
+        spec = load_lib.run_tokenizer(source) if load_lib.source_kind(source) == "run" else source
     tok = tok_lib.resolve(spec)
     tok_lib.check_vocab(tok, module.config.vocab_size)
     return module.config, nnx.to_pure_dict(nnx.state(module, nnx.Param)), tok, label
@@ -191,7 +188,7 @@ def perplexity(cfg, params, tok, docs: list[str], lengths, *, mode: str = "docum
         if not long_docs:
             raise tasks.TaskError(f"no document has the {need} tokens that length {max(lengths)} needs (the "
                                   f"longest has {max(map(len, encoded), default=0)}); use shorter --lengths, "
-                                  f"another --corpus, or --ppl-mode sliding")
+                                  f"another --corpus, or --ppl_mode sliding")
         sequences = {T: [[tok.bos_id] + d[:T - 1] for d in long_docs] for T in lengths}
     else:
         stream = np.concatenate([np.asarray(x, np.int32) for x in encoded])
@@ -215,11 +212,6 @@ def perplexity(cfg, params, tok, docs: list[str], lengths, *, mode: str = "docum
                     "bucket_edges": edges.tolist()})
     bar.close()
     return out
-
-
-def _markdown(header: list, body: list[list]) -> str:
-    return "\n".join(["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(map(str, row)) + " |" for row in body])
 
 
 def table(task: str, summary: list[dict]) -> str:
@@ -249,7 +241,7 @@ def table(task: str, summary: list[dict]) -> str:
         body = [[t] + [f"{score[(t, length)]:.1f}" for length in lengths] for t in subtasks]
         body.append(["**average**"] + [f"**{np.mean([score[(t, length)] for t in subtasks]):.1f}**"
                                        for length in lengths])
-    return _markdown(header, body)
+    return markdown_table(header, body)
 
 
 def passkey_heatmap(ax, summary: list[dict], fontsize: int = 8):
@@ -344,13 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey: needle depths in [0, 1]")
     p.add_argument("--keys", default="", help="kv: key counts (the papers': 75,140)")
     p.add_argument("--lines", default="", help="lines: line counts (CREAM's: 200,300,400,500,600,680)")
-    p.add_argument("--ruler-tasks", default="all", help="ruler: comma-separated RULER task names, or all")
+    p.add_argument("--ruler_tasks", default="all", help="ruler: comma-separated RULER task names, or all")
     p.add_argument("--chat", default="none", help="wrap prompts in a chat template: none, llama2 or vicuna (CREAM's "
                                                        "Lines evaluation wraps every model's prompt in vicuna's)")
     p.add_argument("--samples", type=int, default=5, help="prompts per grid cell")
     p.add_argument("--corpus", default="austen",
                    help="ppl, and RULER's essay haystack: a registry corpus name or .txt/.jsonl files")
-    p.add_argument("--ppl-mode", default="documents", choices=PPL_MODES,
+    p.add_argument("--ppl_mode", default="documents", choices=PPL_MODES,
                    help="documents: each long document on its own, BOS + its first T - 1 tokens (CREAM's "
                         "eval_ppl); sliding: windows of T over the concatenated corpus")
     p.add_argument("--documents", type=int, default=50, help="ppl documents mode: at most this many documents")
@@ -393,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                                      corpus=a.corpus, chat=chat)
             rows = run_generation(cfg, params, tok, examples, a.batch, a.chunk)
             summary = summarize(a.task, rows)
-    except (tasks.TaskError, ValueError, FileNotFoundError) as e:
+    except (CreamError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(a.out)

@@ -34,14 +34,14 @@ CACHE_AXES = ("batch", "length", "activation_kv_heads", None)  # one layer's cac
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    k_LxBxTxNxK: jax.Array
-    v_LxBxTxNxK: jax.Array
+    k: jax.Array  # [L, B, T, N, K]: keys of every layer, T cache slots
+    v: jax.Array  # [L, B, T, N, K]: values
     length: jax.Array  # int32 []: slots filled so far (the same for every row)
-    start_B: jax.Array  # int32 [B]: a row's first real slot (left padding before it is never attended)
+    start: jax.Array  # int32 [B]: a row's first real slot (left padding before it is never attended)
 
     @property
     def max_len(self) -> int:
-        return self.k_LxBxTxNxK.shape[2]
+        return self.k.shape[2]
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, start_B=None) -> KVCache:
@@ -66,7 +66,7 @@ def _cached_attention(q_BxCxHxK, k_BxTxNxK, v_BxTxNxK, query_slot_C, start_B):
 
 def sequence_end(cache: KVCache, num_tokens: int) -> jax.Array:
     """The sequence length once `num_tokens` more tokens are cached: the longest row's last position + 1."""
-    return cache.length + num_tokens - jnp.min(cache.start_B)
+    return cache.length + num_tokens - jnp.min(cache.start)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
@@ -81,7 +81,7 @@ def extend(cfg: LlamaConfig, params: dict, tokens_BxC, cache: KVCache, num_new=N
     num_new = C if num_new is None else num_new
     seq_len = sequence_end(cache, num_new) if seq_len is None else seq_len
     slot_C = cache.length + jnp.arange(C, dtype=jnp.int32)
-    position_BxC = jnp.maximum(slot_C[None, :] - cache.start_B[:, None], 0)  # a row's positions start at 0
+    position_BxC = jnp.maximum(slot_C[None, :] - cache.start[:, None], 0)  # a row's positions start at 0
     dtype = jnp.dtype(cfg.dtype)
     x_BxCxD = jnp.take(params["model"]["embed_tokens"]["weight"], tokens_BxC, axis=0).astype(dtype)
     cos_BxCxK, sin_BxCxK = rope.cos_sin(cfg, position_BxC, seq_len)
@@ -93,12 +93,12 @@ def extend(cfg: LlamaConfig, params: dict, tokens_BxC, cache: KVCache, num_new=N
         k_BxTxNxK = jax.lax.dynamic_update_slice(k_BxTxNxK, k.astype(k_BxTxNxK.dtype), (0, cache.length, 0, 0))
         v_BxTxNxK = jax.lax.dynamic_update_slice(v_BxTxNxK, v.astype(v_BxTxNxK.dtype), (0, cache.length, 0, 0))
         k_BxTxNxK, v_BxTxNxK = (constrain(x, CACHE_AXES) for x in (k_BxTxNxK, v_BxTxNxK))  # heads over `tensor`
-        attn = _cached_attention(q, k_BxTxNxK, v_BxTxNxK, slot_C, cache.start_B)
+        attn = _cached_attention(q, k_BxTxNxK, v_BxTxNxK, slot_C, cache.start)
         return layer_output(cfg, p, x_BxCxD, attn), (k_BxTxNxK, v_BxTxNxK)
 
-    layers = (params["model"]["layers"], jnp.arange(cfg.num_hidden_layers), cache.k_LxBxTxNxK, cache.v_LxBxTxNxK)
+    layers = (params["model"]["layers"], jnp.arange(cfg.num_hidden_layers), cache.k, cache.v)
     x_BxCxD, (k_cache, v_cache) = jax.lax.scan(layer, x_BxCxD, layers)
-    return output_logits(cfg, params, x_BxCxD), KVCache(k_cache, v_cache, cache.length + num_new, cache.start_B)
+    return output_logits(cfg, params, x_BxCxD), KVCache(k_cache, v_cache, cache.length + num_new, cache.start)
 
 
 def prefill(cfg: LlamaConfig, params: dict, tokens_BxS, cache: KVCache, chunk: int = 512):

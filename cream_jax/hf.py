@@ -1,6 +1,6 @@
 """The Hugging Face bridge: `load_hf` and `save_hf` (numpy + safetensors; no torch).
 
-Tensor names are HF's (SPEC section 4). Our layout differs only by a
+Tensor names are HF's (docs/methods.md). Our layout differs only by a
 transpose (torch Linear is `(out, in)`), a reshape (heads split out of the
 projection dimension) and a stack over layers, so both directions stream one
 tensor at a time: converting a 7B model holds the model once plus one tensor.
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from cream_jax import model as model_lib
 from cream_jax.config import EabfConfig, LlamaConfig, RopeConfig
+from cream_jax.errors import CreamError
 from cream_jax.rope import ntk_theta
 
 SINGLE_FILE = "model.safetensors"
@@ -36,7 +37,7 @@ _HF_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 _ROPE_FIELDS = [f.name for f in dataclasses.fields(RopeConfig) if f.name not in ("type", "theta")]
 
 
-class HFFormatError(ValueError):
+class HFFormatError(CreamError, ValueError):
     """A Hugging Face directory does not match what the model expects; the message names the tensor or field."""
 
 

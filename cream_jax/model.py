@@ -7,8 +7,10 @@ The decoder layers are stacked on a leading `layers` axis and run by a
 `(out, in)` becomes our `(in, out)` (heads split out), so conversion is a
 transpose, a reshape and a stack (see `hf.py`).
 
-Shape suffixes: B batch, S sequence, D hidden, F intermediate, V vocab,
-H query heads, N kv heads, K head_dim, L layers.
+Shape suffixes, the one legend for every module (`x_BxSxD` is [batch, sequence, hidden]):
+B batch, S sequence (the training window N of docs/methods.md), C a chunk of new tokens, T cache slots,
+D hidden, F intermediate, V vocab, H query heads, N kv heads, G query heads per kv head (H = N x G),
+K head_dim, L layers. Scalars keep their names (`window`, `target`); public fields carry no suffix.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from cream_jax import rope
-from cream_jax.attention import RESIDUALS, attend, target_platform
-from cream_jax.config import LlamaConfig
+from cream_jax import platform as platform_lib
+from cream_jax.attention import attend
+from cream_jax.config import ATTENTION_RESIDUALS, LlamaConfig
 from cream_jax.sharding import constrain
 
 # How many leading (input) axes each projection's kernel has; the rest are outputs.
@@ -104,17 +107,16 @@ def rms_norm(x_BxSxD, weight_D, eps: float):
     return weight_D.astype(x_BxSxD.dtype) * x.astype(x_BxSxD.dtype)
 
 
-def project(x, w, name: str, preferred_element_type=None):
+def project(x, w, name: str, platform: str = "", preferred_element_type=None):
     """`x @ w` over the kernel's input axes (`PROJECTION_INPUT_AXES[name]`), named `name` for the remat
     policies: the einsum "bsd,dhk->bshk" for q_proj, "bshk,hkd->bsd" for o_proj, and so on.
 
     On CPU it runs as one 2D matmul of [batch x length, in] by [in, out]: XLA:CPU lays out the backward
-    pass of the 3D form with transposing copies (forward + backward of the bench's d512 model: 3.83 s
-    with einsums, 3.14 s with 2D matmuls). On TPU the 3D form plans faster (Llama-2-7B on v5p-8: est.
-    MFU 0.730 against 0.692). Both are in the notes of docs/bench.md at commit 7c8a7ba."""
+    pass of the 3D form with transposing copies, which the 2D form avoids. On TPU the 3D form plans faster
+    (docs/plan_v5p8.md). `platform`: platform.py."""
     w = w.astype(x.dtype)
     n_in = PROJECTION_INPUT_AXES[name]
-    if target_platform() != "cpu":
+    if platform_lib.resolve(platform) != "cpu":
         y = jnp.tensordot(x, w, axes=n_in, preferred_element_type=preferred_element_type)
     else:
         ins, outs = w.shape[:n_in], w.shape[n_in:]
@@ -129,13 +131,13 @@ def attention_inputs(cfg: LlamaConfig, p: dict, x_BxSxD, cos_BxSxK, sin_BxSxK, q
     dtype = x_BxSxD.dtype
     h_BxSxD = rms_norm(x_BxSxD, p["input_layernorm"]["weight"], cfg.rms_norm_eps)
     attn = p["self_attn"]
-    q_BxSxHxK = project(h_BxSxD, attn["q_proj"]["weight"], "q_proj")
-    k_BxSxNxK = project(h_BxSxD, attn["k_proj"]["weight"], "k_proj")
-    v_BxSxNxK = project(h_BxSxD, attn["v_proj"]["weight"], "v_proj")
+    q_BxSxHxK = project(h_BxSxD, attn["q_proj"]["weight"], "q_proj", cfg.platform)
+    k_BxSxNxK = project(h_BxSxD, attn["k_proj"]["weight"], "k_proj", cfg.platform)
+    v_BxSxNxK = project(h_BxSxD, attn["v_proj"]["weight"], "v_proj", cfg.platform)
     q_BxSxHxK = constrain(q_BxSxHxK, ("batch", "length", "activation_heads", None))
     k_BxSxNxK = constrain(k_BxSxNxK, ("batch", "length", "activation_kv_heads", None))
-    q_BxSxHxK = rope.apply_rotary(q_BxSxHxK, cos_BxSxK, sin_BxSxK)
-    k_BxSxNxK = rope.apply_rotary(k_BxSxNxK, cos_BxSxK, sin_BxSxK)
+    q_BxSxHxK = rope.apply_rotary(q_BxSxHxK, cos_BxSxK, sin_BxSxK, cfg.platform)
+    k_BxSxNxK = rope.apply_rotary(k_BxSxNxK, cos_BxSxK, sin_BxSxK, cfg.platform)
     if q_scale_BxS is not None:  # EABF: scale the query after RoPE
         q_BxSxHxK = (q_BxSxHxK.astype(jnp.float32) * q_scale_BxS[:, :, None, None]).astype(dtype)
     return checkpoint_name(q_BxSxHxK, "attention_query"), checkpoint_name(k_BxSxNxK, "attention_key"), v_BxSxNxK
@@ -143,15 +145,15 @@ def attention_inputs(cfg: LlamaConfig, p: dict, x_BxSxD, cos_BxSxK, sin_BxSxK, q
 
 def layer_output(cfg: LlamaConfig, p: dict, x_BxSxD, attn_BxSxHxK):
     """The rest of a layer after attention: output projection, residual, MLP, residual."""
-    out_BxSxD = project(attn_BxSxHxK, p["self_attn"]["o_proj"]["weight"], "o_proj")
+    out_BxSxD = project(attn_BxSxHxK, p["self_attn"]["o_proj"]["weight"], "o_proj", cfg.platform)
     x_BxSxD = constrain(x_BxSxD + out_BxSxD, ("batch", "length", "activation_embed"))
 
     h_BxSxD = rms_norm(x_BxSxD, p["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
     mlp = p["mlp"]
-    gate_BxSxF = project(h_BxSxD, mlp["gate_proj"]["weight"], "gate_proj")
-    up_BxSxF = project(h_BxSxD, mlp["up_proj"]["weight"], "up_proj")
+    gate_BxSxF = project(h_BxSxD, mlp["gate_proj"]["weight"], "gate_proj", cfg.platform)
+    up_BxSxF = project(h_BxSxD, mlp["up_proj"]["weight"], "up_proj", cfg.platform)
     act_BxSxF = constrain(jax.nn.silu(gate_BxSxF) * up_BxSxF, ("batch", "length", "activation_mlp"))
-    out_BxSxD = project(act_BxSxF, mlp["down_proj"]["weight"], "down_proj")
+    out_BxSxD = project(act_BxSxF, mlp["down_proj"]["weight"], "down_proj", cfg.platform)
     return constrain(x_BxSxD + out_BxSxD, ("batch", "length", "activation_embed"))
 
 
@@ -159,24 +161,24 @@ def decoder_layer(cfg: LlamaConfig, p: dict, x_BxSxD, cos_BxSxK, sin_BxSxK, q_sc
     """One layer on one layer's parameters `p` (a slice of the stacked tree)."""
     q_BxSxHxK, k_BxSxNxK, v_BxSxNxK = attention_inputs(cfg, p, x_BxSxD, cos_BxSxK, sin_BxSxK, q_scale_BxS)
     attn_BxSxHxK = attend(q_BxSxHxK, k_BxSxNxK, v_BxSxNxK, segment_ids_BxS,
-                          backend=cfg.attention, block_size=cfg.attention_block_size)
+                          backend=cfg.attention, block_size=cfg.attention_block_size, platform=cfg.platform)
     return layer_output(cfg, p, x_BxSxD, attn_BxSxHxK)
 
 
 def remat_policy(name: str):
     """What the backward pass keeps from the forward, from least to most memory: `full` nothing;
-    `save_attention` the attention's output and logsumexp (`attention.RESIDUALS`, so the blockwise or splash
+    `save_attention` the attention's output and logsumexp (`config.ATTENTION_RESIDUALS`, so the blockwise or splash
     forward does not run twice; at long lengths it is the bulk of the recomputation); `save_proj` those, the
     queries and keys as attention receives them (after RoPE and EABF's scale) and the other projections'
     outputs; `save_dots` the attention's residuals and every matmul's output. The last two keep the same
     memory, but `save_dots` keeps the q and k projections before RoPE, so its backward pass rotates them again
-    (Llama-2-7B CREAM on v5p-8: `save_proj` plans 0.1 ms per layer faster, docs/plan_v5p8.md)."""
+    (`save_proj` plans faster for Llama-2-7B CREAM on v5p-8: docs/plan_v5p8.md)."""
     policies = jax.checkpoint_policies
-    attention_residuals = policies.save_only_these_names(RESIDUALS)
+    attention_residuals = policies.save_only_these_names(ATTENTION_RESIDUALS)
     return {
         "full": None,
         "save_attention": attention_residuals,
-        "save_proj": policies.save_only_these_names(*_SAVE_PROJ_NAMES, RESIDUALS),
+        "save_proj": policies.save_only_these_names(*_SAVE_PROJ_NAMES, ATTENTION_RESIDUALS),
         "save_dots": policies.save_from_both_policies(policies.dots_with_no_batch_dims_saveable, attention_residuals),
     }[name]
 
@@ -217,7 +219,7 @@ def output_logits(cfg: LlamaConfig, params: dict, x_BxSxD):
         head_DxV = params["model"]["embed_tokens"]["weight"].T
     else:
         head_DxV = params["lm_head"]["weight"]
-    logits_BxSxV = project(x_BxSxD, head_DxV, "lm_head", preferred_element_type=jnp.float32)
+    logits_BxSxV = project(x_BxSxD, head_DxV, "lm_head", cfg.platform, preferred_element_type=jnp.float32)
     return constrain(logits_BxSxV, ("batch", "length", "activation_vocab"))
 
 

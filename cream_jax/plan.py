@@ -3,12 +3,12 @@
     python -m cream_jax.plan --config=configs/llama2_7b_cream_32k.py --topology=v5p-8 --per_device_batch=4 \\
         [--baseline=configs/llama2_7b_pi_full_32k.py] [--search=all] [--json=plan.json] [--dump_hlo=step.hlo]
 
-The step is `cream_jax.train.jit_train_step`, the function training runs, compiled from abstract shapes
+The step is `cream_jax.step_lib.jit_train_step`, the function training runs, compiled from abstract shapes
 with their shardings through libtpu (no weights allocated). It reports:
 
 - per-device HBM from the TPU compiler (arguments, temporaries, code; outputs alias the donated state),
   against the chip's capacity;
-- model FLOPs per step (`train.flops_per_token`: causal attention counted half, remat not counted) and the
+- model FLOPs per step (`flops.flops_per_token`: causal attention counted half, remat not counted) and the
   compiler's FLOPs, whose ratio shows the rematerialisation overhead;
 - the compiler's step-time estimate (`optimal_seconds`), the MFU and tokens/s/chip it implies (only for a
   step that fits).
@@ -52,13 +52,15 @@ import ml_collections
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cream_jax import attention, sharding, tpu, train
+from cream_jax import attention, sharding, tpu
+from cream_jax import flops as flops_lib
+from cream_jax import state as state_lib
+from cream_jax import step as step_lib
 from cream_jax.config import REMAT_POLICIES
 from cream_jax import train_config as tc
 from cream_jax.splash import KERNEL_MATMULS, kernel_calls, splash_flops
+from cream_jax.errors import CreamError
 
-# HBM per chip (GiB) and peak dense bf16 FLOP/s per chip.
-CHIPS = {"v4": (32, 275e12), "v5e": (16, 197e12), "v5p": (95, 459e12), "v6e": (32, 918e12)}
 # Attention blocks for the unrolled cost compile: at most this many per sequence, so it stays quick.
 _MAX_COST_BLOCKS = 16
 # XLA options of the cost compiles. On larger meshes XLA's SPMD partitioner turns an all-gathered matmul into
@@ -100,23 +102,20 @@ class Plan:
 
 
 def _abstract_inputs(c: ml_collections.ConfigDict, cfg, mesh):
-    tx, schedule = train.make_optimizer(c.train)
-    shapes, specs = train.state_specs(cfg, tx, mesh)
-    shardings = train.named(mesh, specs)
-    state = jax.tree.map(lambda s, n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=n), shapes, shardings)
+    built = step_lib.build(c, cfg, mesh)
+    state, _ = state_lib.abstract_state(cfg, built.tx, mesh)
     keys = tc.batch_keys(c)
     rows, buffer = c.train.global_batch, tc.buffer_length(c)
     batch = {k: jax.ShapeDtypeStruct((rows,) if k == "doc_lengths" else (rows, buffer),
                                      jnp.float32 if k == "weights" else jnp.int32, sharding=bs)
-             for k, bs in train.batch_shardings(mesh, keys).items()}
+             for k, bs in state_lib.batch_shardings(mesh, keys).items()}
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
-    setup = train.Setup.from_config(c, cfg)
-    return train.jit_train_step(setup, tx, schedule, shardings, mesh, keys), (state, batch, step)
+    return built.fn, (state, batch, step)
 
 
 def compile_step(c: ml_collections.ConfigDict, cfg, mesh, compiler_options: dict | None = None):
-    fn, args = _abstract_inputs(c, cfg, mesh)
-    with jax.set_mesh(mesh), attention.compiling_for(mesh.devices.flat[0].platform):
+    fn, args = _abstract_inputs(c, cfg.replace(platform=mesh.devices.flat[0].platform), mesh)
+    with jax.set_mesh(mesh):
         return fn.trace(*args).lower().compile(compiler_options)
 
 
@@ -139,8 +138,7 @@ def while_loops(hlo: str) -> list[str]:
 
 def _backend(cfg, platform: str) -> str:
     """The attention backend the step uses when compiled for `platform` (`auto` resolved)."""
-    with attention.compiling_for(platform):
-        return attention.resolve_backend(cfg.attention)
+    return attention.resolve_backend(cfg.attention, platform)
 
 
 def _cost_block_size(cfg, backend: str, window: int) -> int:
@@ -205,8 +203,9 @@ def plan(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | 
         notes.append(f"model.init_from={c.model.init_from!r} not read: planning uses the preset's shapes")
     mesh = sharding.make_mesh(dict(c.mesh), devices)
     generation = devices[0].device_kind.split()[-1].lower().replace("lite", "e")
-    family = next((k for k in CHIPS if topology.startswith(k)), None) or generation
-    hbm, peak = CHIPS.get(family, (float("nan"), float("nan")))
+    family = next((k for k in flops_lib.CHIPS if topology.startswith(k)), None) or generation
+    chip = flops_lib.CHIPS.get(family)
+    hbm, peak = (chip.hbm_gib, chip.peak_flops) if chip else (float("nan"), float("nan"))
 
     t0 = time.perf_counter()
     try:
@@ -229,7 +228,7 @@ def plan(c: ml_collections.ConfigDict, topology: str, per_device_batch: float | 
         arguments = code = total = None
         temporaries = float(needed.group(1)) if needed else None
     fits = total is not None and total <= hbm
-    model_flops = train.flops_per_token(cfg, c.train.window) * c.train.global_batch * c.train.window / chips
+    model_flops = flops_lib.flops_per_token(cfg, c.train.window) * c.train.global_batch * c.train.window / chips
     flops = seconds = mfu = tps = kernel_calls_per_step = None
     if with_cost and fits:
         flops, seconds, kernel_calls_per_step = _cost(c, cfg, mesh, peak)
@@ -437,7 +436,7 @@ def main(argv=None) -> int:
                     searches[role] = search(c, f.topology, batch, policies, planned=p,
                                             progress=lambda what, name=name: print(
                                                 f"searching {name}: {what}", file=sys.stderr, flush=True))
-        except (tc.ConfigError, sharding.MeshError, tpu.TopologyError, RuntimeError) as e:
+        except (CreamError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(table(plans))

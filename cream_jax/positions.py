@@ -1,4 +1,4 @@
-"""Position-index samplers (SPEC section 1): which RoPE positions and which tokens fill a window.
+"""Position-index samplers (docs/methods.md): which RoPE positions and which tokens fill a window.
 
 Public API (pure `jax.numpy` / `jax.random`, static shapes, jit-able):
 
@@ -12,7 +12,7 @@ Public API (pure `jax.numpy` / `jax.random`, static shapes, jit-able):
 
 Methods and their options:
 
-- "cream": CREAM (SPEC 1.1). Needs an integer f = target // window >= 1.
+- "cream": CREAM (docs/methods.md). Needs an integer f = target // window >= 1.
     gaussian     "truncated" (default; truncated normal on [1, f], inverse CDF) or
                  "reference" (the reference code: r from the unnormalised normal CDF
                  on a 1000-point grid over [2, 2f], floored, alpha = r / 2; the mass
@@ -174,14 +174,14 @@ def _draw(key: jax.Array, method: str, *, window: int, target: int, batch: int,
     `h` (= t), `p_end`; PoSE adds `l1`, `u` (and `v` with offsets). All leading dim `batch`."""
     opts = _validate(method, window, target, batch, options)
     N, L = window, target
-    arange_BxN = jnp.broadcast_to(jnp.arange(N, dtype=i32), (batch, N))
+    arange_BxS = jnp.broadcast_to(jnp.arange(N, dtype=i32), (batch, N))
     if method in ("plain", "full"):
-        return {"position_ids": arange_BxN, "token_index": arange_BxN}
+        return {"position_ids": arange_BxS, "token_index": arange_BxS}
 
     keys_B = jax.random.split(key, batch)
     if method == "randpos":
-        pos_BxN = jax.vmap(lambda k: jnp.sort(jax.random.permutation(k, L)[:N]))(keys_B).astype(i32)
-        return {"position_ids": pos_BxN, "token_index": arange_BxN}
+        pos_BxS = jax.vmap(lambda k: jnp.sort(jax.random.permutation(k, L)[:N]))(keys_B).astype(i32)
+        return {"position_ids": pos_BxS, "token_index": arange_BxS}
 
     n = opts.pop("doc_lengths")
     n_B = jnp.full((batch,), L, i32) if n is None else jnp.clip(jnp.asarray(n, i32), N, L)

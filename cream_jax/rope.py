@@ -1,4 +1,4 @@
-"""Rotary embeddings (SPEC section 2) and the EABF logit scale (SPEC section 3).
+"""Rotary embeddings and the EABF logit scale (docs/methods.md).
 
 Frequencies follow `transformers/modeling_rope_utils.py` operation by
 operation in float32, so that angles at position 10^6 agree with PyTorch's
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cream_jax.attention import target_platform
+from cream_jax import platform as platform_lib
 from cream_jax.config import LlamaConfig, RopeConfig
 
 f32 = np.float32
@@ -124,11 +124,11 @@ def cos_sin(config: LlamaConfig, position_ids_BxS: jax.Array, seq_len=None) -> t
     return jnp.cos(angle_BxSxK) * attention_factor, jnp.sin(angle_BxSxK) * attention_factor
 
 
-def apply_rotary(x_BxSxHxK: jax.Array, cos_BxSxK: jax.Array, sin_BxSxK: jax.Array) -> jax.Array:
+def apply_rotary(x_BxSxHxK: jax.Array, cos_BxSxK: jax.Array, sin_BxSxK: jax.Array, platform: str = "") -> jax.Array:
     """Hugging Face's rotate-half layout, computed in float32, returned in x's dtype: x * cos + rotate_half(x)
     * sin, rotate_half(x) = concat(-x2, x1). On TPU rotate_half is a matmul (`_rotary_by_matmul`),
     elsewhere each half is rotated on its own (`_rotary_per_half`): the same products and sums either way."""
-    if target_platform() == "tpu":
+    if platform_lib.resolve(platform) == "tpu":
         return _rotary_by_matmul(x_BxSxHxK, cos_BxSxK, sin_BxSxK)
     return _rotary_per_half(x_BxSxHxK, cos_BxSxK, sin_BxSxK)
 
@@ -136,7 +136,7 @@ def apply_rotary(x_BxSxHxK: jax.Array, cos_BxSxK: jax.Array, sin_BxSxK: jax.Arra
 def _rotary_per_half(x_BxSxHxK, cos_BxSxK, sin_BxSxK):
     """Each half cast and rotated on its own, rather than x * cos + concat(-x2, x1) * sin over a float32 copy
     of x: on TPU (head dim = the 128 lanes) XLA then writes no float32 or negated copies of the queries and
-    keys (Llama-2-7B's CREAM step on v5p-8 went from 2.12 to 2.01 s, docs/plan_v5p8.md)."""
+    keys (tests/test_model.py compares the TPU compiler's estimates of the forms)."""
     half = x_BxSxHxK.shape[-1] // 2
     x1 = x_BxSxHxK[..., :half].astype(jnp.float32)
     x2 = x_BxSxHxK[..., half:].astype(jnp.float32)
@@ -148,7 +148,7 @@ def _rotary_per_half(x_BxSxHxK, cos_BxSxK, sin_BxSxK):
 
 def _rotary_by_matmul(x_BxSxHxK, cos_BxSxK, sin_BxSxK):
     """rotate_half as a matmul by a signed permutation matrix, on the MXU instead of moving half the lanes;
-    on TPU cheaper than `_rotary_per_half` (Llama-2-7B on v5p-8: 0.9 ms less per layer, docs/plan_v5p8.md).
+    on TPU cheaper than `_rotary_per_half` (the TPU compiler's estimate: tests/test_model.py).
     The values are exact (each output is one input times +-1, in x's dtype; HIGHEST keeps float32 whole). The
     gradient differs by a rounding in bfloat16: x's two cotangents (through the cast and through the matmul)
     are each rounded to bfloat16 before they are added. The per-head matrix gives the product a batch

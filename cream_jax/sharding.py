@@ -15,6 +15,8 @@ from typing import Sequence
 import jax
 from jax.sharding import PartitionSpec
 
+from cream_jax.errors import CreamError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or axes); None = replicated.
@@ -71,7 +73,7 @@ def param_specs(module, rules=None, mesh_axes: Sequence[str] | None = None):
                         is_leaf=lambda x: isinstance(x, tuple))
 
 
-class MeshError(ValueError):
+class MeshError(CreamError, ValueError):
     """A mesh shape or a divisibility requirement is wrong; the message names the field."""
 
 

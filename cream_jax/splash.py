@@ -7,7 +7,7 @@ batch over (data, fsdp), heads over tensor, as the rule table says. Off TPU it r
 interpret mode (slow, for tests). The kernel reports no cost to XLA's cost analysis; the planner counts
 the kernel calls in the compiled step (`kernel_calls`) and adds what they execute (`splash_flops`).
 
-The kernel names its output and logsumexp `attention.RESIDUALS`, so a remat policy that saves that name
+The kernel names its output and logsumexp `config.ATTENTION_RESIDUALS`, so a remat policy that saves that name
 keeps the backward pass from running the forward kernel a second time.
 """
 
@@ -22,7 +22,7 @@ import jax
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 
-from cream_jax.attention import RESIDUALS
+from cream_jax.config import ATTENTION_RESIDUALS
 from cream_jax.sharding import logical_to_spec
 
 # S x S x head_dim matmuls per (query block, kv block) pair in each kernel: forward QK^T, PV; dq: QK^T,
@@ -37,8 +37,8 @@ def _kernel(seq_len: int, q_heads: int, block: int, interpret: bool):
                                   block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
                                   block_kv_dq=block)
     mask = mask_lib.MultiHeadMask([mask_lib.CausalMask((seq_len, seq_len)) for _ in range(q_heads)])
-    return kernel_lib.make_splash_mqa_single_device(mask, block_sizes=sizes, residual_checkpoint_name=RESIDUALS,
-                                                    interpret=interpret)
+    return kernel_lib.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret,
+                                                    residual_checkpoint_name=ATTENTION_RESIDUALS)
 
 
 def _local(q_BxSxHxK, k_BxSxNxK, v_BxSxNxK, segment_ids_BxS, block: int, interpret: bool):

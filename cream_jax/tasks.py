@@ -1,4 +1,4 @@
-"""Long-context retrieval tasks (SPEC section 5) as the reference evaluations build and score them.
+"""Long-context retrieval tasks (docs/evaluation.md) as the reference evaluations build and score them.
 
 A prompt is its text, encoded once (`encode`: BOS + the tokenizer's pieces for the whole text), so its ids are
 what the reference's tokenizer call gives; where a token budget is asked for, `fit` picks how much content fits
@@ -34,6 +34,8 @@ from typing import Callable
 
 import numpy as np
 
+from cream_jax.errors import CreamError
+
 TASKS = ("passkey", "lines", "kv")
 CHAT_TEMPLATES = ("llama2", "vicuna")
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
@@ -68,7 +70,7 @@ class Example:
     meta: dict  # the grid cell (task, length, depth, keys, ...) and "tokens", the prompt's true length
 
 
-class TaskError(ValueError):
+class TaskError(CreamError, ValueError):
     """A task that cannot be built as asked."""
 
 

@@ -14,6 +14,8 @@ from typing import Any, Callable
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from cream_jax.errors import CreamError
+
 # Public names -> libtpu topology strings (v5p-8 is 4 chips; the suffix counts TensorCores).
 TOPOLOGIES = {
     "v4-8": "v4:2x2x1", "v4-32": "v4:2x2x4",
@@ -33,7 +35,7 @@ _NO_TPU_VM = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5p-8", "TPU_W
               "TPU_WORKER_HOSTNAMES": "localhost"}
 
 
-class TopologyError(ValueError):
+class TopologyError(CreamError, ValueError):
     """A TPU topology name that is neither a known one nor a raw libtpu topology."""
 
 
@@ -72,10 +74,6 @@ class CompiledMemory:
     outputs: int
     temporaries: int
     code: int
-
-    @property
-    def total(self) -> int:
-        return self.arguments + self.outputs + self.temporaries + self.code
 
 
 def compile_for_tpu(fn: Callable, *shapes: jax.ShapeDtypeStruct, topology: str = "v5p-8", num_devices: int = 1):

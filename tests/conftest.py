@@ -5,16 +5,19 @@ import os
 import shutil
 import tempfile
 
-# --xla_backend_optimization_level=0: XLA:CPU skips LLVM's optimisation of the code it emits. The tests run
-# small programs a few times each, so compiling dominates and compiles are about a third faster; results are
-# the same programs' (the TPU compiler, used for ahead-of-time plans, does not read it).
+from helpers import UNOPTIMIZED
+
+# --xla_backend_optimization_level=0: XLA:CPU skips LLVM's optimisation of the code it emits. Most tests run
+# small programs a few times each, so compiling dominates, and compiles are about a third faster; results are
+# the same programs' (the TPU compiler of the ahead-of-time plans does not read it). The processes that the
+# tests start inherit it; those that run many steps drop it (`helpers.cli_env(optimized=True)`).
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
-                                    "--xla_backend_optimization_level=0"]).strip()
+                                    UNOPTIMIZED]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu (for AOT compiles) is installed; never probe for a TPU
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One persistent compilation cache for the session, shared by both xdist workers and by every process the
 # tests start: the train CLI alone is launched about 20 times, and a cached step loads instead of compiling
-# (13.7 s -> 6.2 s for a 10-step tiny_cream run). The first process (xdist's controller) makes it and removes
+# (most of a short run's time). The first process (xdist's controller) makes it and removes
 # it when it exits; each session starts empty, so every compile still happens once.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cream-jax-tests-jit-")

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+UNOPTIMIZED = "--xla_backend_optimization_level=0"  # the tests' XLA:CPU flag (conftest.py says why)
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)
 
 
-def cli_env(devices: int | None = None, **extra: str) -> dict[str, str]:
-    """The environment for a CLI subprocess: this session's XLA flags (see conftest.py) with `devices`
-    simulated CPU devices (None: one, XLA's default), on CPU."""
+def cli_env(devices: int | None = None, optimized: bool = False, **extra: str) -> dict[str, str]:
+    """The environment for a CLI subprocess: this session's XLA flags (conftest.py) with `devices` simulated
+    CPU devices (None: one, XLA's default), on CPU. `optimized`: LLVM optimises the emitted code, for a
+    process that runs many steps (slower compiles, faster steps)."""
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
+             if not f.startswith("--xla_force_host_platform_device_count") and not (optimized and f == UNOPTIMIZED)]
     if devices:
         flags.append(f"--xla_force_host_platform_device_count={devices}")
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags), **extra)
@@ -58,3 +64,26 @@ def cream_like_positions(rng: np.random.Generator, batch: int, length: int, targ
         start = rng.integers(third, target - third - m)
         rows.append(np.concatenate([head, np.arange(start, start + m), tail]))
     return np.stack(rows).astype(np.int64)
+
+
+def read_all(path) -> dict[str, np.ndarray]:
+    """Every tensor of an HF directory's safetensors (one file or an index of shards)."""
+    from safetensors import safe_open
+
+    from cream_jax.hf import INDEX_FILE, SINGLE_FILE
+
+    path = Path(path)
+    files = [SINGLE_FILE] if (path / SINGLE_FILE).exists() else sorted(
+        set(json.loads((path / INDEX_FILE).read_text())["weight_map"].values()))
+    out = {}
+    for name in files:
+        with safe_open(path / name, "numpy") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert np.array_equal(a[k].view(np.uint8), b[k].view(np.uint8)), k

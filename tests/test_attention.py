@@ -30,6 +30,7 @@ def rel(a, b):
     return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("S,block,H,N,packed", [
     (64, 16, 4, 4, False),   # MHA, exact blocks
     (100, 32, 4, 2, True),   # GQA, padded last block, packed documents
@@ -53,6 +54,7 @@ def test_blockwise_matches_dot_product(S, block, H, N, packed):
         assert rel(g, r) <= 1e-5
 
 
+@pytest.mark.slow
 def test_segments_isolate_documents():
     """A packed row equals its documents run one by one."""
     q, k, v = qkv(1, 1, 48, 2, 2, 8)
@@ -86,6 +88,8 @@ def growth_exponent(lengths, sizes):
     return float(np.polyfit(np.log(lengths), np.log(sizes), 1)[0])
 
 
+@pytest.mark.slow
+@pytest.mark.tpu_compile
 def test_blockwise_gradient_memory_is_linear_in_length():
     """Forward+backward temporaries from the TPU compiler (XLA:CPU reports 0 for large buffers)."""
     lengths = [2048, 4096, 8192]
@@ -99,6 +103,7 @@ def test_blockwise_gradient_memory_is_linear_in_length():
     assert blockwise[2] * 8 < dense[2]  # at 8K the dense gradient needs far more
 
 
+@pytest.mark.slow
 def test_unrolled_block_loops_compute_the_same():
     from cream_jax.attention import unrolled_block_loops
 
@@ -114,6 +119,7 @@ def test_unrolled_block_loops_compute_the_same():
         np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("H,N,packed", [(4, 4, False), (4, 2, True), (4, 1, True)])
 def test_splash_interpret_matches_dot_product(H, N, packed):
     """The Pallas TPU kernel in interpret mode (CPU): values and gradients."""
@@ -128,9 +134,10 @@ def test_splash_interpret_matches_dot_product(H, N, packed):
         assert rel(g, r) <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["blockwise", "splash"])
 def test_remat_policies_save_the_attention_residuals(backend):
-    """Policies that save `attention.RESIDUALS` keep the forward pass's output and logsumexp, so the backward
+    """Policies that save `config.ATTENTION_RESIDUALS` keep the forward pass's output and logsumexp, so the backward
     pass does not run the attention forward again; gradients are unchanged."""
     from cream_jax.model import remat_policy
 
@@ -151,11 +158,10 @@ def test_remat_policies_save_the_attention_residuals(backend):
 
 
 def test_auto_backend():
-    from cream_jax.attention import compiling_for, resolve_backend
+    from cream_jax.attention import resolve_backend
 
     assert resolve_backend("auto") == "blockwise"  # this machine has no TPU
-    with compiling_for("tpu"):
-        assert resolve_backend("auto") == "splash"
+    assert resolve_backend("auto", platform="tpu") == "splash"
 
 
 def test_block_size_defaults_per_backend():
@@ -163,7 +169,6 @@ def test_block_size_defaults_per_backend():
     assert attention.block_size_for("blockwise") == 128
     assert attention.block_size_for("splash") == 512
     assert attention.block_size_for("blockwise", 64) == 64
-    with attention.compiling_for("tpu"):
-        assert attention.block_size_for("auto") == 512
+    assert attention.block_size_for("auto", platform="tpu") == 512
     with pytest.raises(ConfigError, match="attention_block_size=-1"):
         LlamaConfig(attention_block_size=-1)

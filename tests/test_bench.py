@@ -4,6 +4,7 @@ compiled memory scaling (blockwise ~linear in S, dot_product ~quadratic)."""
 import json
 
 import numpy as np
+import pytest
 
 from cream_jax import bench
 
@@ -14,8 +15,11 @@ def _slope(rows, backend):
     return np.polyfit(np.log(S), np.log(mib), 1)[0]
 
 
+@pytest.mark.torch
+@pytest.mark.slow
+@pytest.mark.tpu_compile
 def test_quick_run(tmp_path):
-    assert bench.main(["--quick", "--out-dir", str(tmp_path)]) == 0
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
     r = json.loads((tmp_path / "bench.json").read_text())
 
     train = r["train"]

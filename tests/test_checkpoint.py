@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cream_jax import checkpoint, generate, sharding, train
+from cream_jax import checkpoint, generate, sharding
+from cream_jax import optim
+from cream_jax import state as state_lib
 from cream_jax import train_config as tc
 from helpers import cli_env
 
@@ -29,7 +31,7 @@ class Run:
     """The train CLI in a subprocess, its output in a file (a pipe nobody reads could fill and block it)."""
 
     def __init__(self, workdir, *extra):
-        env = cli_env(devices=1)
+        env = cli_env(devices=1, optimized=True)  # 40 steps of 32 rows
         self.log = Path(str(workdir) + f".{time.time_ns()}.log")
         with open(self.log, "w") as f:
             self.proc = subprocess.Popen(
@@ -85,6 +87,7 @@ def straight(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_resume_after_sigkills_is_bit_identical(straight, tmp_path):
     """40 steps straight vs 40 steps killed with SIGKILL three times (once while an async save is being
     written) and relaunched: identical losses at every step and bit-identical final parameters."""
@@ -116,6 +119,7 @@ def test_resume_after_sigkills_is_bit_identical(straight, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_zero(tmp_path):
     proc = _launch(tmp_path, "--config.train.steps=100000")
     _wait(proc, lambda: _logged_steps(tmp_path) >= 7)
@@ -129,17 +133,17 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
 def test_restore_onto_another_mesh(tmp_path):
     c = tc.load_config(ROOT / "configs" / "tiny_cream.py")
     cfg = tc.model_config(c)
-    tx, _ = train.make_optimizer(c.train)
+    tx, _ = optim.make_optimizer(c.train)
     meta = {"seed": 0, "model_config": cfg.to_dict()}
     mesh_a = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     with jax.set_mesh(mesh_a):
-        state, _ = train.init_state(cfg, tx, mesh_a, seed=3)
+        state, _ = state_lib.init_state(cfg, tx, mesh_a, seed=3)
     ckpt = checkpoint.TrainCheckpoints(tmp_path)
     ckpt.save(7, state, {"step": 7}, meta)
     ckpt.wait()
     mesh_b = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
     with jax.set_mesh(mesh_b):
-        target, shardings = train.abstract_state(cfg, tx, mesh_b)
+        target, shardings = state_lib.abstract_state(cfg, tx, mesh_b)
         step, restored, data_state, saved_meta = ckpt.restore_latest(target)
     ckpt.close()
     assert (step, data_state, saved_meta["step"]) == (7, {"step": 7}, 7)
@@ -150,6 +154,7 @@ def test_restore_onto_another_mesh(tmp_path):
     assert {dict(b.sharding.mesh.shape)["fsdp"] for b in jax.tree.leaves(state)} == {2}
 
 
+@pytest.mark.slow
 def test_corrupt_latest_step_falls_back_and_deletes_nothing(straight, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(straight, workdir)
@@ -167,6 +172,8 @@ def test_corrupt_latest_step_falls_back_and_deletes_nothing(straight, tmp_path):
     assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*")) == files_before  # nothing deleted
 
 
+@pytest.mark.torch
+@pytest.mark.slow
 def test_export_of_a_train_checkpoint_generates_like_transformers(straight, tmp_path, torch_and_transformers):
     torch, transformers = torch_and_transformers
     out = tmp_path / "hf"
@@ -187,6 +194,7 @@ def test_export_of_a_train_checkpoint_generates_like_transformers(straight, tmp_
     assert generated[0].tolist() == tokens
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_host_stops_all_hosts_at_the_same_step(tmp_path):
     """Two processes (jax.distributed on localhost): SIGTERM to one; jax's preemption sync point makes both
     stop after the same step, save one checkpoint together and exit 0."""

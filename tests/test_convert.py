@@ -5,24 +5,26 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from cream_jax import checkpoint, convert
-from helpers import cli_env, random_hf_llama
-from test_hf_bridge import assert_bit_identical, read_all
+from helpers import assert_bit_identical, cli_env, random_hf_llama, read_all
 
 
+@pytest.mark.torch
 def test_cli_round_trip_is_bit_identical(tmp_path, capsys):
     random_hf_llama(tmp_path / "hf", rope_scaling={"rope_type": "linear", "factor": 8.0},
                     max_position_embeddings=32768)
     assert convert.main(["hf-to-orbax", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
     assert checkpoint.load_params(tmp_path / "ckpt").config.rope.factor == 8.0
     assert convert.main(["orbax-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"),
-                         "--max-shard-size", "60KB"]) == 0
+                         "--max_shard_size", "60KB"]) == 0
     assert "wrote" in capsys.readouterr().out
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
     assert_bit_identical(read_all(tmp_path / "hf"), read_all(tmp_path / "out"))
 
 
+@pytest.mark.torch
 def test_cli_errors_before_work(tmp_path, capsys):
     random_hf_llama(tmp_path / "hf")
     assert convert.main(["hf-to-orbax", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
@@ -57,6 +59,8 @@ def _peak_rss_mib(module, *args):
     return int(out.split()[-1]) / 1024
 
 
+@pytest.mark.torch
+@pytest.mark.slow
 def test_conversion_streams_instead_of_copying(tmp_path):
     """A 640 MiB model: each direction peaks well below two copies of it above the interpreter's baseline."""
     random_hf_llama(tmp_path / "hf", std=0.02, vocab_size=32000, hidden_size=1024, intermediate_size=2816,
@@ -66,7 +70,7 @@ def test_conversion_streams_instead_of_copying(tmp_path):
     to_orbax = _peak_rss_mib("cream_jax.convert", "hf-to-orbax", "--hf", str(tmp_path / "hf"),
                              "--out", str(tmp_path / "ckpt")) - baseline
     to_hf = _peak_rss_mib("cream_jax.convert", "orbax-to-hf", "--ckpt", str(tmp_path / "ckpt"),
-                          "--out", str(tmp_path / "out"), "--max-shard-size", "100MB") - baseline
+                          "--out", str(tmp_path / "out"), "--max_shard_size", "100MB") - baseline
     print(f"\nbaseline {baseline:.0f} MiB, model {model_mib:.0f} MiB; peak above baseline: "
           f"hf-to-orbax {to_orbax:.0f} MiB, orbax-to-hf {to_hf:.0f} MiB")
     assert to_orbax < 1.75 * model_mib and to_hf < 1.75 * model_mib

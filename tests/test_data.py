@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from cream_jax import model as model_lib
+from cream_jax import step as step_lib
 from cream_jax import train
 from cream_jax import train_config as tc
 from cream_jax.config import preset
@@ -149,6 +150,7 @@ print(sources.build_tfds([data], data_dir)[0])
 """
 
 
+@pytest.mark.slow
 def test_processes_building_the_same_dataset_at_once_both_succeed(tmp_path):
     """Test workers and hosts share the cache: two builds of one dataset that start together both end with
     it, whole (TFDS's own final rename fails for the second)."""
@@ -170,6 +172,7 @@ def test_processes_building_the_same_dataset_at_once_both_succeed(tmp_path):
 # ----------------------------------------------------------------------------- packing and batches
 
 
+@pytest.mark.slow
 def test_packed_documents_never_attend_to_each_other(tmp_path, bpe1000):
     """Through the model: a packed row's logits for each document equal that document run alone, and changing
     one document's tokens changes nothing in the others."""
@@ -206,7 +209,7 @@ def test_loss_never_crosses_segments_or_padding():
     tokens = jnp.asarray([[1, 2, 3, 4, 5, 6, 0, 0]])
     seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 0, 0]])
     weights = jnp.asarray([[1, 1, 1, 1, 1, 1, 0, 0]], jnp.float32)
-    _, count = train.loss_sums(cfg, params, tokens, weights, jnp.arange(8)[None], seg)
+    _, count = step_lib.loss_sums(cfg, params, tokens, weights, jnp.arange(8)[None], seg)
     assert float(count) == 4  # 1->2, 2->3, 4->5, 5->6; not 3->4 (segments) nor into padding
 
 
@@ -316,6 +319,7 @@ def test_tokenizer_vocabulary_must_match_the_model(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_documents_shorter_than_the_window_for_offsets(tmp_path):
     docs = ["A short note. " * 3, "A long letter. " * 400]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
@@ -329,6 +333,7 @@ def test_documents_shorter_than_the_window_for_offsets(tmp_path):
     assert len(history) == 2 and np.isfinite(history[-1]["loss"])
 
 
+@pytest.mark.slow
 def test_a_moved_run_folder_resumes(tmp_path):
     """Local files count by content, not path: a run folder moved with its data resumes (the demo keeps its
     corpus in its output folder)."""
@@ -348,6 +353,7 @@ def test_a_moved_run_folder_resumes(tmp_path):
     assert [h["step"] for h in history] == [3]
 
 
+@pytest.mark.slow
 def test_chat_data_trains_on_answers(tmp_path):
     talk = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
                           {"role": "assistant", "content": f"It is {2 * i}."}]} for i in range(40)]
@@ -363,13 +369,14 @@ def test_chat_data_trains_on_answers(tmp_path):
     assert min(answer_tokens) * 8 <= history[-1]["tokens"] <= max(answer_tokens) * 8
 
 
+@pytest.mark.slow
 def test_tiny_cream_cli_learns_real_english(tmp_path, bpe1000, austen_docs):
     """`python -m cream_jax.train --config=configs/tiny_cream.py` on Jane Austen: the loss falls well below the
     corpus's unigram entropy (what a model that ignores context achieves)."""
     import subprocess
     import sys
 
-    env = cli_env(devices=1)
+    env = cli_env(devices=1, optimized=True)  # the recipe's full run
     run = subprocess.run([sys.executable, "-m", "cream_jax.train", f"--config={ROOT / 'configs' / 'tiny_cream.py'}",
                           f"--workdir={tmp_path}", "--config.train.log_every=20"],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -383,10 +390,11 @@ def test_tiny_cream_cli_learns_real_english(tmp_path, bpe1000, austen_docs):
     assert len(losses) == 10 and losses[-1] < losses[0] - 1.0 and losses[-1] < unigram - 1.0
 
 
+@pytest.mark.slow
 def test_data_bench_quick(tmp_path):
     from cream_jax.data import bench
 
-    assert bench.main(["--quick", "--out-dir", str(tmp_path)]) == 0
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
     r = json.loads((tmp_path / "data_bench.json").read_text())
     assert r["tokenization"][0]["tokens_per_s"] > 0 and r["assembly"][0]["tokens_per_s"] > 0
     assert r["margin"][0]["margin"] > 1  # the pipeline outruns the tiny train step it feeds

@@ -17,6 +17,7 @@ def quick_demo(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_results_folder(quick_demo):
     res = json.loads((quick_demo / "results.json").read_text())
     r = demo.Recipe.quick()
@@ -44,6 +45,7 @@ def test_results_folder(quick_demo):
     assert matplotlib.image.imread(quick_demo / "passkey.png").shape[0] > 100
 
 
+@pytest.mark.torch
 def test_hf_export_answered_by_transformers(quick_demo):
     export = json.loads((quick_demo / "results.json").read_text())["export"]
     assert export["model_class"] == "LlamaForCausalLM"
@@ -57,7 +59,7 @@ def test_hf_export_answered_by_transformers(quick_demo):
 
 
 def test_rerun_reuses_the_runs_and_refuses_another_recipe(quick_demo, capsys):
-    assert demo.main(["--quick", "--out", str(quick_demo), "--finetune-steps", "5"]) == 2
+    assert demo.main(["--quick", "--out", str(quick_demo), "--finetune_steps", "5"]) == 2
     assert "another recipe" in capsys.readouterr().err
     assert json.loads((quick_demo / "recipe.json").read_text())["finetune_steps"] == demo.Recipe.quick().finetune_steps
 

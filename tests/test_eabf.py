@@ -20,6 +20,7 @@ def eabf_config(skip_layers, **kw):
                             eabf={"enabled": True, "base_length": 16, "skip_layers": skip_layers}, **kw)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("skip_layers", [(0, 1), ()])
 def test_export_with_remote_code_matches(tmp_path, torch_and_transformers, skip_layers):
     torch, transformers = torch_and_transformers
@@ -42,6 +43,7 @@ def test_export_with_remote_code_matches(tmp_path, torch_and_transformers, skip_
     assert relative_error(plain_logits, ref) > 1e-3
 
 
+@pytest.mark.slow
 def test_skip_layers_change_the_output():
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, (1, 32)))
     positions = jnp.arange(500, 532)[None]

@@ -43,6 +43,8 @@ def _image_renders(path: Path) -> bool:
     return image.ndim == 3 and image.shape[0] > 200 and image.std() > 0
 
 
+@pytest.mark.torch
+@pytest.mark.slow
 def test_evaluate_cli_every_task(tiny_hf, tmp_path, capsys):
     """Every task runs through the CLI, prints its table on the task's grid axes, and writes JSON (with each
     prompt's true token count) and a PNG that renders."""
@@ -73,7 +75,7 @@ def test_evaluate_cli_every_task(tiny_hf, tmp_path, capsys):
     (["--task=kv"], "--task=kv needs --keys or --lengths"),
     (["--task=passkey", "--lengths=4k"], "--lengths='4k' must be comma-separated integers"),
     (["--task=lines", "--lines=10", "--chat=alpaca"], "unknown chat template 'alpaca'"),
-    (["--task=ruler", "--lengths=512", "--ruler-tasks=niah_single_9"], "unknown RULER task"),
+    (["--task=ruler", "--lengths=512", "--ruler_tasks=niah_single_9"], "unknown RULER task"),
     (["--task=ppl", "--lengths=512", "--corpus=no_such_corpus.txt"], "does not exist"),
 ])
 def test_bad_input_fails_before_the_model_loads(argv, message, tmp_path, capsys):
@@ -81,6 +83,7 @@ def test_bad_input_fails_before_the_model_loads(argv, message, tmp_path, capsys)
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ruler_on_tiny_cream_checkpoint(tmp_path, capsys):
     """`evaluate --task ruler` end to end on a tiny_cream train run (2 steps): every RULER task is built,
     answered and scored; the table has a row per task and their average, one column per length."""
@@ -104,6 +107,8 @@ def test_ruler_on_tiny_cream_checkpoint(tmp_path, capsys):
     assert _image_renders(out / "ruler.png")
 
 
+@pytest.mark.torch
+@pytest.mark.slow
 def test_perplexity_as_cream_eval_ppl(tiny_hf):
     """Documents mode: documents shorter than the longest length - 1 tokens are dropped, and for each T every
     kept document is BOS + its first T - 1 tokens, scored by one full forward pass (the reference's

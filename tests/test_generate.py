@@ -54,6 +54,7 @@ def test_prompt_too_long_for_the_cache():
         generate.prefill(cfg, params, np.zeros((1, 9), np.int32), generate.init_cache(cfg, 1, 8))
 
 
+@pytest.mark.torch
 def test_greedy_generation_equals_transformers(tmp_path, torch_and_transformers):
     torch, transformers = torch_and_transformers
     cfg, params = _model(rope={"type": "linear", "factor": 2.0})
@@ -80,6 +81,7 @@ def test_sampling_is_reproducible_and_varies_with_the_key():
     assert a.shape == (2, 21) and (a == b).all() and not (a == c).all()
 
 
+@pytest.mark.slow
 def test_left_padded_batch_equals_each_prompt_alone():
     cfg, params = _model(**ROPES["eabf"])
     rng = np.random.default_rng(2)
@@ -91,6 +93,7 @@ def test_left_padded_batch_equals_each_prompt_alone():
         assert together[row, -10:].tolist() == alone[0, -10:].tolist()
 
 
+@pytest.mark.slow
 def test_generation_on_a_mesh_shards_the_cache_over_heads():
     from cream_jax import sharding
 
@@ -102,7 +105,7 @@ def test_generation_on_a_mesh_shards_the_cache_over_heads():
         sharded = generate.generate(cfg, params, prompt, 8, chunk=4)
         _, cache = generate.prefill(cfg, params, prompt, generate.init_cache(cfg, 2, 16), chunk=4)
     assert (sharded == alone).all()
-    assert cache.k_LxBxTxNxK.sharding.spec[3] == "tensor"  # [layers, batch, slots, kv heads, head_dim]
+    assert cache.k.sharding.spec[3] == "tensor"  # [layers, batch, slots, kv heads, head_dim]
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +122,8 @@ def dynamic_export(tmp_path_factory):
     return cfg, params, path
 
 
+@pytest.mark.torch
+@pytest.mark.slow
 def test_dynamic_ntk_prefill_in_chunks_equals_transformers(dynamic_export, torch_and_transformers):
     """A 240-token prompt (past max_position_embeddings=64) prefilled in chunks of 32: every prompt token is
     rotated with the one theta of the whole prompt, as transformers' full forward does; decoding then grows
@@ -144,6 +149,7 @@ def test_dynamic_ntk_prefill_in_chunks_equals_transformers(dynamic_export, torch
         assert generate.generate(cfg, params, prompt, 16, chunk=32).tolist() == theirs.tolist()
 
 
+@pytest.mark.torch
 def test_dynamic_ntk_perplexity_in_chunks_equals_transformers(dynamic_export, torch_and_transformers):
     """Perplexity's chunked NLL of a 200-token sequence (past max_position_embeddings) equals transformers'
     full forward pass: one theta for the whole sequence in every chunk."""

@@ -6,29 +6,10 @@ import shutil
 import numpy as np
 import pytest
 import safetensors.numpy
-from safetensors import safe_open
 
 import cream_jax
 from cream_jax.hf import INDEX_FILE, SINGLE_FILE, HFFormatError, config_from_hf, config_to_hf
-from helpers import random_hf_llama
-
-
-def read_all(path):
-    path = __import__("pathlib").Path(path)
-    files = [SINGLE_FILE] if (path / SINGLE_FILE).exists() else sorted(
-        set(json.loads((path / INDEX_FILE).read_text())["weight_map"].values()))
-    out = {}
-    for name in files:
-        with safe_open(path / name, "numpy") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
-def assert_bit_identical(a, b):
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        assert np.array_equal(a[k].view(np.uint8), b[k].view(np.uint8)), k
+from helpers import assert_bit_identical, random_hf_llama, read_all
 
 
 CONFIGS = {
@@ -42,6 +23,7 @@ CONFIGS = {
 }
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("case", sorted(CONFIGS))
 @pytest.mark.parametrize("shard_bytes", [None, 40_000])
 def test_round_trip_bit_identical(tmp_path, case, shard_bytes):
@@ -74,6 +56,7 @@ EXPORT_ROPES = {
 }
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("rope", sorted(EXPORT_ROPES))
 def test_transformers_loads_the_export(tmp_path, torch_and_transformers, rope):
     """No custom code needed: AutoModelForCausalLM reproduces our logits from the export alone."""
@@ -109,6 +92,7 @@ def test_both_rope_spellings_load():
     assert config_from_hf(v5).rope.theta == 500000.0 and config_from_hf(v5).rope.factor == 8.0
 
 
+@pytest.mark.torch
 def test_tokenizer_export_loads_with_autotokenizer(tmp_path, torch_and_transformers, spm_model):
     _, transformers = torch_and_transformers
     ours = cream_jax.init(cream_jax.preset("debug"))
@@ -143,6 +127,7 @@ def test_missing_config(tmp_path):
         cream_jax.load_hf(tmp_path)
 
 
+@pytest.mark.torch
 def test_missing_weights_file(tmp_path):
     random_hf_llama(tmp_path)
     (tmp_path / SINGLE_FILE).unlink()
@@ -158,6 +143,7 @@ def test_missing_shard(tmp_path):
         cream_jax.load_hf(tmp_path)
 
 
+@pytest.mark.torch
 def test_missing_tensor_is_named(tmp_path):
     random_hf_llama(tmp_path)
     tensors = safetensors.numpy.load_file(tmp_path / SINGLE_FILE)
@@ -167,6 +153,7 @@ def test_missing_tensor_is_named(tmp_path):
         cream_jax.load_hf(tmp_path)
 
 
+@pytest.mark.torch
 def test_extra_tensor_is_named(tmp_path):
     random_hf_llama(tmp_path, tie_word_embeddings=True)
     tensors = safetensors.numpy.load_file(tmp_path / SINGLE_FILE)
@@ -176,6 +163,7 @@ def test_extra_tensor_is_named(tmp_path):
         cream_jax.load_hf(tmp_path)
 
 
+@pytest.mark.torch
 def test_shape_mismatch_is_named(tmp_path):
     random_hf_llama(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -186,6 +174,7 @@ def test_shape_mismatch_is_named(tmp_path):
         cream_jax.load_hf(tmp_path)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("spelling", ["rope_scaling", "rope_parameters"])
 def test_unknown_rope_type_is_named(tmp_path, spelling):
     random_hf_llama(tmp_path)
@@ -197,6 +186,7 @@ def test_unknown_rope_type_is_named(tmp_path, spelling):
         cream_jax.load_hf(tmp_path)
 
 
+@pytest.mark.torch
 def test_bad_override_is_named(tmp_path):
     random_hf_llama(tmp_path)
     with pytest.raises(cream_jax.ConfigError, match="attention='flash'"):
@@ -205,6 +195,7 @@ def test_bad_override_is_named(tmp_path):
         cream_jax.load_hf(tmp_path, num_layers=3)
 
 
+@pytest.mark.torch
 def test_bf16_checkpoint_round_trips_through_fp32_params(tmp_path, torch_and_transformers):
     torch, _ = torch_and_transformers
     hf = random_hf_llama(tmp_path / "hf")

@@ -73,6 +73,7 @@ def _config_has(cfg: ml_collections.ConfigDict, dotted: str) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_every_documented_flag_exists():
     commands = _commands()
     modules = {m for _, m, _, _ in commands}
@@ -137,6 +138,7 @@ def test_tpu_pod_dry_run_prints_the_gcloud_commands():
     assert bad.returncode == 2 and "--zone is required" in bad.stderr
 
 
+@pytest.mark.slow
 def test_local_sh_trains_resumes_and_exports(tmp_path):
     workdir = tmp_path / "run"
     for steps in (6, 9):  # the second launch resumes from the first's checkpoint and trains 3 more steps
@@ -152,6 +154,7 @@ def test_local_sh_trains_resumes_and_exports(tmp_path):
     assert bad.returncode == 2 and "not a multiple of train.window=100" in bad.stderr  # no pointless relaunches
 
 
+@pytest.mark.slow
 def test_colab_notebook_runs_on_cpu(tmp_path):
     """The notebook's cells, minus installation, with its run directory in tmp and fewer steps."""
     nb = json.loads(NOTEBOOK.read_text())

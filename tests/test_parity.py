@@ -22,6 +22,7 @@ CASES = {
 }
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("backend", ["dot_product", "blockwise"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_match_transformers(tmp_path, case, backend):
@@ -35,6 +36,7 @@ def test_logits_match_transformers(tmp_path, case, backend):
     assert relative_error(got, hf_logits(hf, tokens, positions)) <= TOL
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "linear", "factor": 8.0}])
 @pytest.mark.parametrize("backend", ["dot_product", "blockwise"])
 def test_cream_positions_reaching_32k(tmp_path, rope_scaling, backend):
@@ -49,6 +51,7 @@ def test_cream_positions_reaching_32k(tmp_path, rope_scaling, backend):
     assert relative_error(got, hf_logits(hf, tokens, positions)) <= TOL
 
 
+@pytest.mark.torch
 def test_positions_up_to_a_million(tmp_path):
     hf = random_hf_llama(tmp_path, rope_theta=500000.0, max_position_embeddings=1 << 20)
     ours = cream_jax.load_hf(tmp_path, progress=False)
@@ -58,6 +61,7 @@ def test_positions_up_to_a_million(tmp_path):
     assert relative_error(got, hf_logits(hf, tokens, positions)) <= TOL
 
 
+@pytest.mark.torch
 def test_dynamic_ntk_beyond_max_position_embeddings(tmp_path):
     hf = random_hf_llama(tmp_path, rope_scaling={"rope_type": "dynamic", "factor": 4.0}, max_position_embeddings=64)
     ours = cream_jax.load_hf(tmp_path, progress=False)
@@ -70,6 +74,7 @@ def test_dynamic_ntk_beyond_max_position_embeddings(tmp_path):
                           hf_logits(hf, tokens, positions)) > 1e-3  # the dynamic branch really ran
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("remat", ["full", "save_attention", "save_proj", "save_dots"])
 def test_scan_and_remat(tmp_path, remat):
     hf = random_hf_llama(tmp_path, num_hidden_layers=3)
@@ -80,6 +85,7 @@ def test_scan_and_remat(tmp_path, remat):
                           hf_logits(hf, tokens, positions)) <= TOL
 
 
+@pytest.mark.torch
 def test_ntk_equals_hf_with_the_equivalent_theta(tmp_path):
     d = 16
     theta = 10000.0 * 4.0 ** (d / (d - 2))

@@ -8,10 +8,11 @@ import sys
 
 import pytest
 
-from cream_jax import attention, plan, sharding, tpu
+from cream_jax import attention, flops, plan, sharding, tpu
 from cream_jax import train_config as tc
-from test_train import ROOT
-from helpers import cli_env
+from helpers import ROOT, cli_env
+
+pytestmark = pytest.mark.tpu_compile  # every test here compiles for a TPU topology (libtpu)
 
 
 def tiny_plan_config(**model):
@@ -27,6 +28,7 @@ def tiny_plan_config(**model):
     return c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_flop_accounting_through_scans_and_block_loops(remat):
     """The planner's cost (1- and 2-layer compiles) equals a compile with everything unrolled."""
@@ -45,6 +47,7 @@ def test_flop_accounting_through_scans_and_block_loops(remat):
     assert p.fits and p.step_seconds > 0 and 0 < p.mfu < 1
 
 
+@pytest.mark.slow
 def test_splash_kernels_are_counted_as_compiled():
     """The Pallas kernel reports no cost, so the planner counts its calls in the compiled step: under full
     remat the forward kernel runs twice per layer, once when `save_attention` keeps its residuals."""
@@ -64,6 +67,7 @@ def test_splash_kernels_are_counted_as_compiled():
     assert plans["save_attention"].temporaries_gib > plans["full"].temporaries_gib
 
 
+@pytest.mark.slow
 def test_cli_prints_the_table_and_writes_json(tmp_path):
     env = cli_env()
     run = subprocess.run([sys.executable, "-m", "cream_jax.plan", f"--config={ROOT / 'configs' / 'tiny_cream.py'}",
@@ -89,6 +93,7 @@ def _small_chip_config():
     return c
 
 
+@pytest.mark.slow
 def test_suggests_a_remat_policy_that_fits(monkeypatch):
     c = _small_chip_config()
     none = plan.plan(c, "v5p-8", per_device_batch=8, with_cost=False)
@@ -97,13 +102,14 @@ def test_suggests_a_remat_policy_that_fits(monkeypatch):
     full = plan.plan(c_full, "v5p-8", per_device_batch=8, with_cost=False)
     assert full.temporaries_gib < none.temporaries_gib
     capacity = (full.total_gib + none.total_gib) / 2  # a chip on which only recomputation fits
-    monkeypatch.setitem(plan.CHIPS, "v5p", (capacity, 459e12))
+    monkeypatch.setitem(flops.CHIPS, "v5p", flops.Chip(capacity, 459e12, ("TPU v5p",)))
     remat, accum = plan.suggest(c, "v5p-8", per_device_batch=8)
     assert remat in ("save_proj", "save_attention", "full") and accum == 1
 
 
+@pytest.mark.slow
 def test_a_plan_that_does_not_fit_is_not_costed(monkeypatch):
-    monkeypatch.setitem(plan.CHIPS, "v5p", (1e-6, 459e12))
+    monkeypatch.setitem(flops.CHIPS, "v5p", flops.Chip(1e-6, 459e12, ("TPU v5p",)))
     monkeypatch.setattr(plan, "_cost", lambda *a: pytest.fail("cost compiles for a step that cannot run"))
     c = tiny_plan_config()
     c.model.attention = "dot_product"
@@ -150,6 +156,7 @@ def test_search_keeps_the_global_batch_and_ranks_what_fits(monkeypatch):
     assert tried == [("none", 1), ("none", 2), ("none", 4)]
 
 
+@pytest.mark.slow
 def test_a_step_the_compiler_refuses_for_hbm_is_a_plan_that_does_not_fit():
     """libtpu will not compile a step whose temporaries exceed HBM: the plan says it does not fit, with the
     temporaries the compiler named (so `suggest` goes on to the next choice instead of failing)."""
@@ -161,6 +168,7 @@ def test_a_step_the_compiler_refuses_for_hbm_is_a_plan_that_does_not_fit():
     assert refused.step_seconds is None and any("refused the step" in note for note in refused.notes)
 
 
+@pytest.mark.slow
 def test_collective_matmul_loops_are_not_counted_once(tmp_path, monkeypatch):
     """On larger meshes (16 chips here) XLA runs all-gathered matmuls as loops over the shards (windowed
     einsum), whose bodies XLA's cost analysis counts once. The cost compiles run them as plain matmuls: the
@@ -186,6 +194,7 @@ def test_collective_matmul_loops_are_not_counted_once(tmp_path, monkeypatch):
         plan._cost(c, tc.model_config(c), mesh, 459e12)
 
 
+@pytest.mark.slow
 def test_v4_chips_are_one_device_each():
     """A v4 chip's two TensorCores run as one jax device ("megacore"), as on a real v4 slice: v4-8 is 4
     devices, and the planner compiles for it (`jax.make_mesh` refuses a device per TensorCore)."""

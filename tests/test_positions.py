@@ -1,4 +1,4 @@
-"""Position-index samplers (SPEC section 1): invariants, distributions (scipy.stats) and validation."""
+"""Position-index samplers (docs/methods.md): invariants, distributions (scipy.stats) and validation."""
 
 import functools
 
@@ -122,7 +122,7 @@ def test_cream_alpha_is_truncated_normal(target, sigma_scale, std, clipped_diffe
 # ----------------------------------------------------------------------------- 4. reference gaussian
 
 def numpy_reference_r(rng, f, sigma, size):
-    """SPEC 1.1 item 4, 'reference': interpolate a uniform draw through the unnormalised normal
+    """CREAM's reference sampler ('reference'): interpolate a uniform draw through the unnormalised normal
     CDF (mean 1 + f, std sigma) on a 1000-point grid over [2, 2f]; floor to an integer."""
     grid = np.linspace(2, 2 * f, 1000)
     cdf = stats.norm.cdf(grid, loc=1 + f, scale=sigma)
@@ -229,7 +229,7 @@ def test_cream_offsets_token_index():
     d = draw("cream", seed=11, window=N, target=L, batch=batch, content="offsets", doc_lengths=n)
     pos, tok, h, p_end = d["position_ids"], d["token_index"], d["h"], d["p_end"]
     short = p_end >= n
-    assert 0 < short.sum() < batch  # both branches of SPEC 1.1 item 7
+    assert 0 < short.sum() < batch  # both branches of the short-document rule
     for row_p, row_t, h_, n_, late in zip(pos, tok, h, n, short):
         m = N - 2 * h_
         np.testing.assert_array_equal(row_t[:h_], np.arange(h_))

@@ -191,6 +191,7 @@ def check_example(tok, ex, task, length):
         assert words.count(top[3]) > words.count(top[4])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length", [4096, 32768, 131072])
 def test_every_task_fills_its_budget(tok, length):
     times = {}

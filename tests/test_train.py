@@ -15,9 +15,12 @@ import pytest
 from flax import nnx
 
 from cream_jax import sharding, train
+from cream_jax import flops, load, optim
+from cream_jax import state as state_lib
+from cream_jax import step as step_lib
 from cream_jax.model import Llama
 from cream_jax import train_config as tc
-from cream_jax.synthetic import MarkovSource
+from cream_jax.data.synthetic import MarkovSource
 from helpers import cli_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,8 +45,8 @@ def test_every_recipe_loads_and_validates(recipe):
     c = tc.load_config(recipe)
     cfg = tc.validate(c, num_devices=8)
     mesh = sharding.make_mesh(dict(c.mesh))
-    tx, _ = train.make_optimizer(c.train)
-    shapes, specs = train.state_specs(cfg, tx, mesh)  # divisibility and no large replicated parameter
+    tx, _ = optim.make_optimizer(c.train)
+    shapes, specs = state_lib.state_specs(cfg, tx, mesh)  # divisibility and no large replicated parameter
     assert jax.tree.structure(shapes["opt_state"]) == jax.tree.structure(
         specs["opt_state"], is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
@@ -66,14 +69,14 @@ def one_step(c, mesh_sizes, devices=None, steps=1):
     c.mesh.update(mesh_sizes)
     cfg = tc.model_config(c)
     mesh = sharding.make_mesh(dict(c.mesh), devices)
-    tx, schedule = train.make_optimizer(c.train)
-    setup = train.Setup.from_config(c, cfg)
+    tx, schedule = optim.make_optimizer(c.train)
+    step_cfg = step_lib.StepConfig.from_config(c, cfg)
     source = MarkovSource(cfg.vocab_size, 4, seed=0)
     losses = []
     with jax.set_mesh(mesh):
-        state, shardings = train.init_state(cfg, tx, mesh, seed=0)
-        step_fn = train.jit_train_step(setup, tx, schedule, shardings, mesh)
-        bs = train.batch_sharding(mesh)
+        state, shardings = state_lib.init_state(cfg, tx, mesh, seed=0)
+        step_fn = step_lib.jit_train_step(step_cfg, tx, schedule, shardings, mesh)
+        bs = state_lib.batch_sharding(mesh)
         for step in range(steps):
             tokens = source.rows(step, slice(0, c.train.global_batch), c.train.window)
             batch = {"tokens": jax.device_put(tokens, bs), "weights": jax.device_put(np.ones_like(tokens), bs)}
@@ -87,6 +90,7 @@ def assert_params_close(a, b, tol=2e-5):
         np.testing.assert_allclose(x, y, rtol=tol, atol=tol)
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device():
     ref_loss, ref_params = one_step(tiny(), {"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1], steps=2)
     for sizes in ({"data": 2, "fsdp": 2, "tensor": 2}, {"data": 1, "fsdp": 8, "tensor": 1}):
@@ -95,6 +99,7 @@ def test_sharded_step_equals_single_device():
         assert_params_close(params, ref_params)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_4x2_equals_1x8():
     ref_loss, ref_params = one_step(tiny(grad_accum=1), {"data": 2, "fsdp": 1, "tensor": 1},
                                     devices=jax.devices()[:2])
@@ -116,6 +121,7 @@ def _scalar_tags(events_file: Path) -> set[str]:
     return tags
 
 
+@pytest.mark.slow
 def test_cream_training_learns_the_source(tmp_path):
     """120 CREAM steps on the synthetic Markov source: loss far below the unigram entropy."""
     c = tiny(steps=120, log_every=20)
@@ -133,6 +139,7 @@ def test_cream_training_learns_the_source(tmp_path):
     assert {"train/loss", "train/lr", "train/grad_norm"} <= _scalar_tags(events)
 
 
+@pytest.mark.slow
 def test_tensorboard_writer_leaves_torch_unimported(tmp_path):
     """tensorboardX imports torch (seconds of every train launch) unless the train loop hides it."""
     code = ("import sys; from cream_jax import train; w = train._summary_writer(sys.argv[1]); "
@@ -173,7 +180,7 @@ def test_unknown_mesh_axis_and_heads_vs_tensor(tmp_path):
 def test_large_replicated_parameter_is_refused():
     cfg = tc.model_config(tiny())
     mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
-    shapes, specs = train.state_specs(cfg, train.make_optimizer(tiny().train)[0], mesh)
+    shapes, specs = state_lib.state_specs(cfg, optim.make_optimizer(tiny().train)[0], mesh)
     specs = jax.tree.map(lambda s: jax.sharding.PartitionSpec(), specs["params"],
                          is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     with pytest.raises(sharding.MeshError, match="would be replicated on every device"):
@@ -189,11 +196,11 @@ def test_flops_per_token_matches_the_compiler():
     params = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(Llama(cfg, rngs=nnx.Rngs(0)), nnx.Param)))
     tokens = jax.ShapeDtypeStruct((B, S), jnp.int32)
     weights = jax.ShapeDtypeStruct((B, S), jnp.float32)
-    grad = jax.grad(lambda p, t, w: train.loss_sums(cfg, p, t, w, jnp.broadcast_to(jnp.arange(S), (B, S)))[0])
+    grad = jax.grad(lambda p, t, w: step_lib.loss_sums(cfg, p, t, w, jnp.broadcast_to(jnp.arange(S), (B, S)))[0])
     compiled = jax.jit(grad).lower(params, tokens, weights).compile().cost_analysis()
     q = cfg.num_attention_heads * cfg.head_dim
     full_attention_extra = 3 * cfg.num_hidden_layers * 2 * 2 * S * q * 0.5  # the masked half XLA also computes
-    ours = (train.flops_per_token(cfg, S) + full_attention_extra) * B * S
+    ours = (flops.flops_per_token(cfg, S) + full_attention_extra) * B * S
     assert abs(compiled["flops"] - ours) / ours < 0.1, (compiled["flops"], ours)
 
 
@@ -213,6 +220,7 @@ def _cli(workdir, *extra, env_devices=8, process=None):
     return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     """jax.distributed on localhost, gloo collectives, 4 devices per process vs one process with 8."""
     single = _cli(tmp_path / "single")
@@ -233,7 +241,7 @@ def test_two_processes_match_one(tmp_path):
 
 _FAULTS_PER_CYCLE = """
 import ctypes, resource, sys
-from cream_jax import train
+from cream_jax import heap, train
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
 def cycle(n=2**27):  # what a train step does with its temporaries: malloc, write, free
@@ -248,11 +256,12 @@ if sys.argv[1] == "cli":  # the train CLI's flag, with the cycles as its run
     train.run = faults_per_cycle
     train.main(["train", "--config=configs/tiny_cream.py", "--workdir=unused", "--reuse_freed_memory"])
 if sys.argv[1] == "reuse":
-    assert train.reuse_freed_memory()
+    assert heap.reuse_freed_memory()
 faults_per_cycle()
 """
 
 
+@pytest.mark.slow
 def test_reuse_freed_memory_stops_the_page_faults():
     """A freed 128 MiB buffer is faulted in afresh on every cycle by default (32768 pages of 4 KiB here;
     64 with transparent huge pages always on), and reused without faults after `reuse_freed_memory`, which
@@ -265,20 +274,22 @@ def test_reuse_freed_memory_stops_the_page_faults():
     assert faults["reuse"] <= faults["default"] / 10 and faults["cli"] <= faults["default"] / 10, faults
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["hf", "params"])
 def test_initial_weights_from_hf_or_params_checkpoint(tmp_path, kind):
     """model.init_from loads exactly the saved parameters, keeps the recipe's run-time fields, refuses an
     architecture override, and a run starts from it."""
     from cream_jax import checkpoint, hf
+    from cream_jax import model as model_lib
 
-    source = train.model_lib.init(tc.model_config(tiny()), seed=7)
+    source = model_lib.init(tc.model_config(tiny()), seed=7)
     if kind == "hf":
         hf.save_hf(source, tmp_path / "init", progress=False)
     else:
         checkpoint.save_params(source, tmp_path / "init")
     c = tiny(steps=1, warmup_steps=0, lr=0.0)
     c.model.init_from = str(tmp_path / "init")
-    cfg, params, origin = train.initial_params(c)
+    cfg, params, origin = load.initial_params(c)
     assert kind.replace("hf", "Hugging Face").replace("params", "params checkpoint") in origin
     expected = nnx.to_pure_dict(nnx.state(source, nnx.Param))
     assert_params_close(params, jax.device_get(expected), tol=0)
@@ -286,4 +297,4 @@ def test_initial_weights_from_hf_or_params_checkpoint(tmp_path, kind):
     assert len(train.run(c, tmp_path / "run")) == 1
     c.model.hidden_size = 96
     with pytest.raises(tc.ConfigError, match="model.hidden_size=96 differs from 64"):
-        train.initial_params(c)
+        load.initial_params(c)

@@ -1,6 +1,6 @@
 """The data pipeline's speed alone, against what the train step consumes.
 
-    python -m cream_jax.data.bench [--corpus austen] [--out-dir docs] [--quick]
+    python -m cream_jax.data.bench [--corpus austen] [--out docs] [--quick]
 
 Measures, on this machine, in one process:
 1. tokenization (the one-time cache build) in tokens/s, for the 32000-piece
@@ -14,7 +14,7 @@ Measures, on this machine, in one process:
    CPU, and the planner's estimate for Llama-2-7B on v5p-8
    (docs/plan_v5p8.json, tokens/s/chip x 4 chips per host);
 and prints the margin (pipeline tokens/s over step tokens/s). Writes
-data_bench.json and data_bench.md into --out-dir.
+data_bench.json and data_bench.md into --out.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from cream_jax.report import markdown_table
 
 
 def _time(fn, repeat: int) -> float:
@@ -70,18 +72,19 @@ def tiny_step_tokens_per_s(steps: int = 5) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from cream_jax import sharding, train
+    from cream_jax import sharding
+    from cream_jax import state as state_lib
+    from cream_jax import step as step_lib
     from cream_jax import train_config as tc
 
     c = tc.load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny_cream.py")
     c.mesh.update(data=1, fsdp=1, tensor=1)
     cfg = tc.validate(c, num_devices=1)
     mesh = sharding.make_mesh(dict(c.mesh), jax.devices()[:1])
-    tx, schedule = train.make_optimizer(c.train)
-    keys = tc.batch_keys(c)
+    built = step_lib.build(c, cfg, mesh)
+    step_fn = built.fn
     with jax.set_mesh(mesh):
-        state, shardings = train.init_state(cfg, tx, mesh, seed=0)
-        step_fn = train.jit_train_step(train.Setup.from_config(c, cfg), tx, schedule, shardings, mesh, keys)
+        state, _ = state_lib.init_state(cfg, built.tx, mesh, seed=0)
         shape = (c.train.global_batch, tc.buffer_length(c))
         batch = {"tokens": jnp.ones(shape, jnp.int32), "weights": jnp.ones(shape, jnp.float32),
                  "segment_ids": jnp.ones(shape, jnp.int32)}
@@ -109,17 +112,13 @@ def llama7b_host_tokens_per_s(plan_json: Path) -> dict | None:
 
 
 def markdown(r: dict) -> str:
-    def table(header, rows):
-        return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                         + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
-
-    tok = table(["tokenizer", "vocab", "documents", "characters", "tokens", "seconds", "tokens/s"],
+    tok = markdown_table(["tokenizer", "vocab", "documents", "characters", "tokens", "seconds", "tokens/s"],
                 [[t["tokenizer"], t["vocab"], t["documents"], t["chars"], t["tokens"], f"{t['seconds']:.2f}",
                   f"{t['tokens_per_s']:,.0f}"] for t in r["tokenization"]])
-    asm = table(["layout", "rows x row_len", "packing", "ms per batch", "tokens/s"],
+    asm = markdown_table(["layout", "rows x row_len", "packing", "ms per batch", "tokens/s"],
                 [[a["layout"], f"{a['rows']} x {a['row_len']}", a["packing"], f"{1e3 * a['seconds_per_batch']:.2f}",
                   f"{a['tokens_per_s']:,.0f}"] for a in r["assembly"]])
-    margin = table(["step", "step tokens/s", "pipeline layout", "pipeline tokens/s", "margin"],
+    margin = markdown_table(["step", "step tokens/s", "pipeline layout", "pipeline tokens/s", "margin"],
                    [[m["step"], f"{m['step_tokens_per_s']:,.0f}", m["layout"], f"{m['pipeline_tokens_per_s']:,.0f}",
                      f"{m['margin']:,.0f}x"] for m in r["margin"]])
     return "\n\n".join([
@@ -137,7 +136,7 @@ def markdown(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--corpus", default="austen")
-    p.add_argument("--out-dir", default="docs")
+    p.add_argument("--out", default="docs")
     p.add_argument("--quick", action="store_true", help="one tokenizer, small layouts (a smoke run)")
     a = p.parse_args(argv)
 
@@ -163,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                         ("CREAM offsets, L = 32K, N = 4K", 32768, 16, "document", 4096)]
         result["assembly"] = [assembly(cache, *lay, repeat=repeat) for lay in layouts]
     steps = [tiny_step_tokens_per_s(3 if a.quick else 5)]
-    big = llama7b_host_tokens_per_s(Path(a.out_dir) / "plan_v5p8.json")
+    big = llama7b_host_tokens_per_s(Path(a.out) / "plan_v5p8.json")
     if big and not a.quick:
         steps.append(big)
     by_layout = {x["layout"]: x for x in result["assembly"]}
@@ -174,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             pipe = by_layout[layout]["tokens_per_s"]
             result["margin"].append({"step": s["what"], "step_tokens_per_s": s["tokens_per_s"], "layout": layout,
                                      "pipeline_tokens_per_s": pipe, "margin": pipe / s["tokens_per_s"]})
-    out = Path(a.out_dir)
+    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "data_bench.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result)

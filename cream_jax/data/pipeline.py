@@ -301,7 +301,7 @@ def from_config(c, model_vocab_size: int, *, row_len: int, rows: slice, window: 
         raise DataError(f"unknown data.format {d.format!r}; allowed: {', '.join(FORMATS)}")
     rows_per_step = rows.stop - rows.start
     if d.source == "synthetic_markov":
-        from cream_jax.synthetic import MarkovSource
+        from cream_jax.data.synthetic import MarkovSource
 
         source = MarkovSource(model_vocab_size, d.branching, seed=c.seed)
         desc = (f"synthetic Markov source (unigram entropy {source.unigram_entropy():.3f}, entropy rate "

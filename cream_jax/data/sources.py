@@ -15,15 +15,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
+
+from cream_jax import files
+from cream_jax.errors import CreamError
 
 SUFFIXES = (".txt", ".jsonl")
 
 
-class DataError(ValueError):
+class DataError(CreamError, ValueError):
     """Input data that cannot be used as asked."""
 
 
@@ -121,17 +122,8 @@ def build_tfds(paths: Sequence[Path], data_dir: str | os.PathLike, *, text_key: 
     # hosts on one file system) may build the same dataset at once, and TFDS's own final rename fails for all
     # but the first of them.
     final = Path(data_dir) / name / "1.0.0"
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=data_dir))
-    try:
+    with files.build_dir(final, "dataset_info.json", built=f"{name}/1.0.0") as tmp:
         LocalDocuments(data_dir=str(tmp), file_format="array_record").download_and_prepare()
-        try:
-            (tmp / name / "1.0.0").rename(final)
-        except OSError:  # built meanwhile by another process
-            if not (final / "dataset_info.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return name, data_dir
 
 

@@ -1,6 +1,6 @@
 """SentencePiece tokenizers as Llama uses them, and a command that trains a small one.
 
-    python -m cream_jax.data.tokenizer train --input a.txt,b.jsonl --vocab-size 2000 --out DIR
+    python -m cream_jax.data.tokenizer train --input a.txt,b.jsonl --vocab_size 2000 --out DIR
     python -m cream_jax.data.tokenizer encode --model DIR/tokenizer.model "some text"
 
 Documents are encoded as Llama-2 does: BOS, the pieces, EOS. Chat (SFT) data
@@ -20,8 +20,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from cream_jax.errors import CreamError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(CreamError, ValueError):
     """A tokenizer that cannot be used as asked."""
 
 
@@ -146,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a small Llama-style SentencePiece model")
     t.add_argument("--input", required=True, help="comma-separated .txt/.jsonl files, or a corpus name from corpora")
-    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--vocab_size", type=int, required=True)
     t.add_argument("--out", required=True, help="directory for tokenizer.model")
-    t.add_argument("--text-key", default="text")
+    t.add_argument("--text_key", default="text")
     e = sub.add_parser("encode", help="print the pieces and ids of a text")
     e.add_argument("--model", required=True)
     e.add_argument("text")
@@ -165,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
             ids = tok.encode([a.text])[0]
             print(ids)
             print([tok.sp.IdToPiece(i) for i in ids])
-    except (TokenizerError, FileNotFoundError, ValueError) as err:
+    except (CreamError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

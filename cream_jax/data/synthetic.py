@@ -1,4 +1,4 @@
-"""A synthetic token source, named as such, until the real data pipeline lands.
+"""A synthetic token source for tests and the `synthetic_markov` data source (no corpus to fetch).
 
 A sparse first-order Markov chain: every token has `branching` possible
 successors. A model can learn it well below the unigram entropy (the source

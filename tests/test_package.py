@@ -1,0 +1,122 @@
+"""The package's conventions: one error base class, a docstring per module, no import cycles, and the
+compile target as a static config field."""
+
+import ast
+import importlib
+import inspect
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cream_jax
+from cream_jax import CreamError, LlamaConfig, platform
+from helpers import ROOT, cli_env
+
+PACKAGE = Path(cream_jax.__file__).parent
+# Shipped beside HF exports as transformers remote code (it imports transformers, not cream_jax).
+REMOTE_CODE = "cream_jax.hf_remote_code"
+
+
+def _modules() -> list[str]:
+    names = ["cream_jax"]
+    for info in pkgutil.walk_packages([str(PACKAGE)], prefix="cream_jax."):
+        if not info.name.startswith(REMOTE_CODE):
+            names.append(info.name)
+    return sorted(names)
+
+
+def test_every_project_error_derives_from_the_one_base_class():
+    errors = []
+    for name in _modules():
+        module = importlib.import_module(name)
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, Exception) and cls.__module__ == name:
+                errors.append(cls)
+    assert len(errors) >= 9
+    assert [e.__qualname__ for e in errors if not issubclass(e, CreamError)] == []
+
+
+def test_every_module_says_its_concern_in_its_first_docstring_line():
+    missing = [name for name in _modules() if not (importlib.import_module(name).__doc__ or "").strip()]
+    assert missing == []
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """The package's modules that `path` imports anywhere (top level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name in modules}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for a in node.names:
+                full = f"{node.module}.{a.name}"
+                found.add(full if full in modules else node.module)
+    return found & modules
+
+
+def test_no_import_cycles():
+    paths = {}
+    for p in PACKAGE.rglob("*.py"):
+        name = ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        paths[name] = p
+    modules = set(paths)
+    graph = {m: _imports(p, modules) - {m, "cream_jax"} for m, p in paths.items()}
+
+    def cycle_from(start):
+        stack = [(start, [start])]
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    return path + [start]
+                if nxt not in path:
+                    stack.append((nxt, path + [nxt]))
+        return None
+
+    cycles = [c for m in sorted(graph) if (c := cycle_from(m))]
+    assert cycles == []
+
+
+def test_the_compile_target_is_a_static_config_field():
+    """`platform` is validated, resolved to the default backend when empty, left out of what checkpoints
+    save, and changes the traced program (rotate_half as a matmul on TPU)."""
+    with pytest.raises(CreamError, match="platform='xpu' is not one of"):
+        LlamaConfig(platform="xpu")
+    assert platform.resolve("") == "cpu" and platform.resolve("tpu") == "tpu"
+    cfg = LlamaConfig(platform="tpu")
+    assert "platform" not in cfg.to_dict() and LlamaConfig(**cfg.to_dict()).platform == ""
+    assert cfg != cfg.replace(platform="")  # part of the config jit closes over, so of its cache key
+
+
+ARGPARSE_MISTAKES = [
+    ("cream_jax.evaluate", ["--hf=no_model_here", "--task=kv"], "--task=kv needs --keys or --lengths"),
+    ("cream_jax.convert", ["orbax-to-hf", "--ckpt=no_such_dir", "--out=unused"], "'no_such_dir' is none of"),
+    ("cream_jax.data.tokenizer", ["encode", "--model=no_such_tokenizer", "hi"], "no_such_tokenizer"),
+]
+
+
+@pytest.mark.parametrize("module, argv, message", ARGPARSE_MISTAKES, ids=[m for m, *_ in ARGPARSE_MISTAKES])
+def test_a_mistake_exits_2_with_one_error_line(module, argv, message, capsys):
+    assert importlib.import_module(module).main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+ABSL_MISTAKES = [
+    ("cream_jax.train", ["--config=configs/tiny_cream.py", "--workdir=unused", "--config.train.target_length=500"],
+     "train.target_length=500 is not a multiple of train.window"),
+    ("cream_jax.plan", ["--config=configs/tiny_cream.py", "--topology=v5p-7"], "unknown TPU topology 'v5p-7'"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module, argv, message", ABSL_MISTAKES, ids=[m for m, *_ in ABSL_MISTAKES])
+def test_an_absl_cli_mistake_exits_2_with_an_error_line(module, argv, message, tmp_path):
+    run = subprocess.run([sys.executable, "-m", module, *argv], cwd=ROOT, env=cli_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    errors = [x for x in run.stderr.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in run.stderr, run.stderr[-2000:]
