@@ -10,7 +10,7 @@ export JAX_PLATFORMS ?= cpu
 $(STAMP): requirements.txt requirements-test.txt requirements-lock.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c requirements-lock.txt -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install --quiet --no-compile -c requirements-lock.txt -r requirements.txt -r requirements-test.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
