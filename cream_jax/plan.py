@@ -103,7 +103,7 @@ class Plan:
 
 def _abstract_inputs(c: ml_collections.ConfigDict, cfg, mesh):
     built = step_lib.build(c, cfg, mesh)
-    state, _ = state_lib.abstract_state(cfg, built.tx, mesh)
+    state = built.abstract_state
     keys = tc.batch_keys(c)
     rows, buffer = c.train.global_batch, tc.buffer_length(c)
     batch = {k: jax.ShapeDtypeStruct((rows,) if k == "doc_lengths" else (rows, buffer),

@@ -124,6 +124,7 @@ class TrainStep:
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     shardings: dict  # the state's NamedShardings ({"params", "opt_state"})
+    abstract_state: dict  # the state as shapes carrying those shardings (for restoring, or compiling ahead of time)
     config: StepConfig
 
 
@@ -132,6 +133,7 @@ def build(c: ml_collections.ConfigDict, cfg: LlamaConfig, mesh, batch_keys=None)
     and the benchmarks all make their step (`batch_keys`: the batch's arrays, default the config's)."""
     tx, schedule = optim.make_optimizer(c.train)
     keys = tuple(batch_keys or tc.batch_keys(c))
-    _, shardings = state_lib.abstract_state(cfg, tx, mesh)
+    abstract, shardings = state_lib.abstract_state(cfg, tx, mesh)
     step_cfg = StepConfig.from_config(c, cfg)
-    return TrainStep(jit_train_step(step_cfg, tx, schedule, shardings, mesh, keys), tx, schedule, shardings, step_cfg)
+    fn = jit_train_step(step_cfg, tx, schedule, shardings, mesh, keys)
+    return TrainStep(fn, tx, schedule, shardings, abstract, step_cfg)

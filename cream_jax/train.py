@@ -27,7 +27,6 @@ from cream_jax.errors import CreamError
 from cream_jax.heap import reuse_freed_memory
 from cream_jax.preemption import Preemption
 from cream_jax import step as step_lib
-from cream_jax.step import StepConfig
 
 
 def run(c: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[str, Any]]:
@@ -45,15 +44,14 @@ def run(c: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[str, Any
     cfg, _ = load.initial_config(c)
     tc.check_model_fits_mesh(cfg, c, jax.device_count())
     mesh = sharding.make_mesh(dict(c.mesh))
-    step_cfg = StepConfig.from_config(c, cfg)
     t = c.train
     row_len = tc.buffer_length(c)
     rows = sharding.host_rows(state_lib.batch_sharding(mesh), (t.global_batch, row_len))
-    data = data_pipeline.from_config(c, cfg.vocab_size, row_len=row_len, rows=rows, window=step_cfg.window,
+    data = data_pipeline.from_config(c, cfg.vocab_size, row_len=row_len, rows=rows, window=c.train.window,
                                      offsets=tc.offsets(c), host=jax.process_index(),
                                      num_hosts=jax.process_count(), progress=lead)
     try:
-        return _train(c, cfg, workdir, step_cfg, mesh, data, lead, tqdm)
+        return _train(c, cfg, workdir, mesh, data, lead, tqdm)
     finally:
         data.batches.close()
 
@@ -85,27 +83,26 @@ def _keep_metrics_up_to(path: Path, step: int) -> None:
         path.write_text("".join(x + "\n" for x in lines))
 
 
-def _train(c, cfg: LlamaConfig, workdir: Path, step_cfg: StepConfig, mesh, data, lead: bool,
+def _train(c, cfg: LlamaConfig, workdir: Path, mesh, data, lead: bool,
            tqdm) -> list[dict[str, Any]]:
     from cream_jax import checkpoint
 
     t = c.train
     built = step_lib.build(c, cfg, mesh, data.keys)
-    tx = built.tx
+    tx, step_cfg = built.tx, built.config
     ckpt = checkpoint.TrainCheckpoints(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
     start, restored = 0, None
     with jax.set_mesh(mesh):
         if ckpt.steps():
             _check_same_model(ckpt, cfg, workdir)
-            target, shardings = state_lib.abstract_state(cfg, tx, mesh)
-            restored = ckpt.restore_latest(target)
+            restored = ckpt.restore_latest(built.abstract_state)
         if restored is not None:
             start, state, data_state, meta = restored
             data.batches.restore(data_state)
             origin = f"resumed from {ckpt.directory} at step {start}"
         else:
             cfg, host_params, origin = load.initial_params(c)
-            state, shardings = state_lib.init_state(cfg, tx, mesh, c.seed, host_params)
+            state, _ = state_lib.init_state(cfg, tx, mesh, c.seed, host_params)
             del host_params
         step_fn = built.fn
     in_shardings = state_lib.batch_shardings(mesh, data.keys)
