@@ -394,11 +394,14 @@ def test_tiny_cream_cli_learns_real_english(tmp_path, bpe1000, austen_docs):
 def test_data_bench_quick(tmp_path):
     from cream_jax.data import bench
 
-    assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert bench.main(["--quick", "--out", str(tmp_path), "--steps_from", str(ROOT / "docs")]) == 0
     r = json.loads((tmp_path / "data_bench.json").read_text())
     assert r["tokenization"][0]["tokens_per_s"] > 0 and r["assembly"][0]["tokens_per_s"] > 0
-    assert r["margin"][0]["margin"] > 1  # the pipeline outruns the tiny train step it feeds
-    assert "| tiny_cream |" in (tmp_path / "data_bench.md").read_text()
+    # the published steps: the CPU benchmark's two configs and the planner's 7B host
+    assert [s["layout"][1:] for s in r["steps"]] == [[1024, 2], [2048, 1], [4096, 16]]
+    assert all(m["margin"] > 1 for m in r["margin"])  # the pipeline outruns every step it feeds
+    md = (tmp_path / "data_bench.md").read_text()
+    assert "| tiny_cream |" in md and "| d512-L4-S1024-B2 | 2 x 1024 |" in md
 
 
 def test_a_prepared_tfds_dataset_by_name(tmp_path):

@@ -57,13 +57,17 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
     return found & modules
 
 
-def test_no_import_cycles():
+def _import_graph() -> dict[str, set[str]]:
     paths = {}
     for p in PACKAGE.rglob("*.py"):
         name = ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
         paths[name] = p
     modules = set(paths)
-    graph = {m: _imports(p, modules) - {m, "cream_jax"} for m, p in paths.items()}
+    return {m: _imports(p, modules) - {m, "cream_jax"} for m, p in paths.items()}
+
+
+def test_no_import_cycles():
+    graph = _import_graph()
 
     def cycle_from(start):
         stack = [(start, [start])]
@@ -78,6 +82,15 @@ def test_no_import_cycles():
 
     cycles = [c for m in sorted(graph) if (c := cycle_from(m))]
     assert cycles == []
+
+
+def test_the_data_package_knows_nothing_of_models_or_training():
+    """cream_jax.data imports only itself and the leaf utilities (errors, files, report), so it can be read,
+    tested and reused without the model, the step or jax's sharding."""
+    leaves = {"cream_jax.errors", "cream_jax.files", "cream_jax.report"}
+    outside = {m: sorted(i for i in imports if not i.startswith("cream_jax.data") and i not in leaves)
+               for m, imports in _import_graph().items() if m.startswith("cream_jax.data")}
+    assert {m: i for m, i in outside.items() if i} == {}
 
 
 def test_the_compile_target_is_a_static_config_field():

@@ -1,26 +1,28 @@
 """The data pipeline's speed alone, against what the train step consumes.
 
-    python -m cream_jax.data.bench [--corpus austen] [--out docs] [--quick]
+    python -m cream_jax.data.bench [--corpus austen] [--out docs] [--steps_from docs] [--quick]
 
 Measures, on this machine, in one process:
 1. tokenization (the one-time cache build) in tokens/s, for the 32000-piece
    Llama-2-style tokenizer and the 1000-piece one;
 2. batch assembly from the cache (what runs every step, on the prefetch
    thread) in tokens/s, for the layouts training uses: tiny_cream's packed
-   rows (8 x 128), Llama-2-7B CREAM on a v5p-8 host (16 packed rows of 4096:
-   4 chips x per-device batch 4), and CREAM 'offsets' rows of one document
-   (16 x 32768);
-3. what the step consumes: tiny_cream's jitted train step timed here on the
-   CPU, and the planner's estimate for Llama-2-7B on v5p-8
-   (docs/plan_v5p8.json, tokens/s/chip x 4 chips per host);
-and prints the margin (pipeline tokens/s over step tokens/s). Writes
-data_bench.json and data_bench.md into --out.
+   rows (8 x 128), each published step's (below; Llama-2-7B CREAM on a v5p-8
+   host is 16 packed rows of 4096: 4 chips x per-device batch 4), and CREAM
+   'offsets' rows of one document (16 x 32768);
+3. the margin over what the step consumes: batch assembly at each published
+   step's layout over that step's tokens/s, as the step benchmarks publish it
+   in --steps_from (bench.json: `python -m cream_jax.bench`, measured on a
+   CPU; plan_v5p8.json: the planner's Llama-2-7B CREAM estimate,
+   tokens/s/chip x 4 chips per host). The data package runs no train step.
+Writes data_bench.json and data_bench.md into --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -67,48 +69,29 @@ def assembly(cache, label: str, row_len: int, rows: int, packing: str, offsets_w
             "tokens_per_s": rows * row_len / seconds}
 
 
-def tiny_step_tokens_per_s(steps: int = 5) -> dict:
-    """tiny_cream's jitted step on this CPU (synthetic tokens of the right shape)."""
-    import jax
-    import jax.numpy as jnp
-
-    from cream_jax import sharding
-    from cream_jax import state as state_lib
-    from cream_jax import step as step_lib
-    from cream_jax import train_config as tc
-
-    c = tc.load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny_cream.py")
-    c.mesh.update(data=1, fsdp=1, tensor=1)
-    cfg = tc.validate(c, num_devices=1)
-    mesh = sharding.make_mesh(dict(c.mesh), jax.devices()[:1])
-    built = step_lib.build(c, cfg, mesh)
-    step_fn = built.fn
-    with jax.set_mesh(mesh):
-        state, _ = state_lib.init_state(cfg, built.tx, mesh, seed=0)
-        shape = (c.train.global_batch, tc.buffer_length(c))
-        batch = {"tokens": jnp.ones(shape, jnp.int32), "weights": jnp.ones(shape, jnp.float32),
-                 "segment_ids": jnp.ones(shape, jnp.int32)}
-        holder = {"state": state, "step": 0}
-
-        def call():
-            holder["state"], m = step_fn(holder["state"], batch, jnp.asarray(holder["step"], jnp.int32))
-            holder["step"] += 1
-            jax.block_until_ready(m)
-
-        seconds = _time(call, steps)
-    return {"what": "tiny_cream train step, this CPU (measured)", "tokens_per_step": shape[0] * c.train.window,
-            "seconds_per_step": seconds, "tokens_per_s": shape[0] * c.train.window / seconds}
-
-
-def llama7b_host_tokens_per_s(plan_json: Path) -> dict | None:
-    if not plan_json.exists():
-        return None
-    plan = json.loads(plan_json.read_text())
-    rows = plan["plans"] if isinstance(plan, dict) and "plans" in plan else plan
-    cream = next(r for r in rows if "cream" in r["config"])
-    per_chip = cream["tokens_per_s_per_chip"]
-    return {"what": "Llama-2-7B CREAM step, v5p-8 host of 4 chips (planner estimate)", "tokens_per_s": 4 * per_chip,
-            "source": str(plan_json)}
+def published_steps(folder: Path) -> list[dict]:
+    """The train steps' tokens/s as the step benchmarks publish them in `folder`: each config's faster
+    backend in bench.json (`python -m cream_jax.bench`, measured on a CPU, default environment) and the
+    Llama-2-7B CREAM plan in plan_v5p8.json (`python -m cream_jax.plan`, 4 chips per host). Missing files
+    give no rows."""
+    steps = []
+    bench_json = folder / "bench.json"
+    if bench_json.exists():
+        for r in json.loads(bench_json.read_text())["ours_vs_transformers"]:
+            seq, batch = map(int, re.fullmatch(r"d\d+-L\d+-S(\d+)-B(\d+)", r["config"]).groups())
+            if not r["setting"]:
+                steps.append({"what": f"{r['config']} train step ({r['ours_attention']}), CPU (bench.json)",
+                              "tokens_per_s": r["ours_tokens_per_s"], "layout": (r["config"], seq, batch),
+                              "source": str(bench_json)})
+    plan_json = folder / "plan_v5p8.json"
+    if plan_json.exists():
+        plan = json.loads(plan_json.read_text())
+        rows = plan["plans"] if isinstance(plan, dict) and "plans" in plan else plan
+        cream = next(r for r in rows if "cream" in r["config"])
+        steps.append({"what": "Llama-2-7B CREAM step, v5p-8 host of 4 chips (plan_v5p8.json)",
+                      "tokens_per_s": 4 * cream["tokens_per_s_per_chip"],
+                      "layout": ("Llama-2-7B CREAM, v5p-8 host", 4096, 16), "source": str(plan_json)})
+    return steps
 
 
 def markdown(r: dict) -> str:
@@ -127,7 +110,8 @@ def markdown(r: dict) -> str:
         f"{r['meta']['date']}. Medians of {r['meta']['repeat']} batches after one warm-up.",
         "## Tokenization (once, into the token cache)", tok,
         "## Batch assembly from the cache (every step, on the prefetch thread)", asm,
-        "## Margin over the train step (per host)", margin,
+        "## Margin over the train step (per host)",
+        margin if r["margin"] else "No published step figures (bench.json, plan_v5p8.json) in --steps_from.",
         "The tokenization row is a one-time cost per corpus and host; batch assembly is what must keep up with "
         "every step, and it runs on a background thread while the device computes.",
     ]) + "\n"
@@ -137,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--corpus", default="austen")
     p.add_argument("--out", default="docs")
+    p.add_argument("--steps_from", default="docs",
+                   help="the folder holding the step benchmarks' bench.json and plan_v5p8.json (the margin's steps)")
     p.add_argument("--quick", action="store_true", help="one tokenizer, small layouts (a smoke run)")
     a = p.parse_args(argv)
 
@@ -154,25 +140,21 @@ def main(argv: list[str] | None = None) -> int:
               "tokenization": [tokenization(docs, t) for t in tokenizers]}
     for t in result["tokenization"]:
         print(f"[data bench] tokenize {t['tokenizer']}: {t['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
+    steps = published_steps(Path(a.steps_from))
+    layouts = [("tiny_cream", 128, 8, "packed", 0)]
+    layouts += [(label, seq, batch, "packed", 0) for label, seq, batch in (s["layout"] for s in steps)]
+    if not a.quick:
+        layouts += [("CREAM offsets, L = 32K, N = 4K", 32768, 16, "document", 4096)]
     with tempfile.TemporaryDirectory() as tmp:
         cache = cache_lib.build(docs, tok_lib.resolve(tokenizers[0]), tmp, source_id="bench", progress=False)
-        layouts = [("tiny_cream", 128, 8, "packed", 0)]
-        if not a.quick:
-            layouts += [("Llama-2-7B CREAM, v5p-8 host", 4096, 16, "packed", 0),
-                        ("CREAM offsets, L = 32K, N = 4K", 32768, 16, "document", 4096)]
         result["assembly"] = [assembly(cache, *lay, repeat=repeat) for lay in layouts]
-    steps = [tiny_step_tokens_per_s(3 if a.quick else 5)]
-    big = llama7b_host_tokens_per_s(Path(a.out) / "plan_v5p8.json")
-    if big and not a.quick:
-        steps.append(big)
     by_layout = {x["layout"]: x for x in result["assembly"]}
     result["steps"] = steps
     result["margin"] = []
-    for s, layout in zip(steps, ["tiny_cream", "Llama-2-7B CREAM, v5p-8 host"]):
-        if layout in by_layout:
-            pipe = by_layout[layout]["tokens_per_s"]
-            result["margin"].append({"step": s["what"], "step_tokens_per_s": s["tokens_per_s"], "layout": layout,
-                                     "pipeline_tokens_per_s": pipe, "margin": pipe / s["tokens_per_s"]})
+    for s in steps:
+        pipe = by_layout[s["layout"][0]]["tokens_per_s"]
+        result["margin"].append({"step": s["what"], "step_tokens_per_s": s["tokens_per_s"], "layout": s["layout"][0],
+                                 "pipeline_tokens_per_s": pipe, "margin": pipe / s["tokens_per_s"]})
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "data_bench.json").write_text(json.dumps(result, indent=2) + "\n")
