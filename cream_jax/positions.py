@@ -86,9 +86,10 @@ def sample(key: jax.Array, method: str, *, window: int, target: int, batch: int,
     return out["position_ids"], out["token_index"]
 
 
-def validate(method: str, *, window: int, target: int, **options: Any) -> None:
-    """Raise ValueError (naming the bad value) if `sample` would reject these arguments; draws nothing."""
-    _validate(method, window, target, 1, options)
+def validate(method: str, *, window: int, target: int, names: dict[str, str] | None = None, **options: Any) -> None:
+    """Raise ValueError (naming the bad value) if `sample` would reject these arguments; draws nothing.
+    `names` says what to call method, window and target in the message (a config: "train.window")."""
+    _validate(method, window, target, 1, options, names or {})
 
 
 # ----------------------------------------------------------------------------- validation
@@ -97,15 +98,18 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
-def _validate(method: str, window: int, target: int, batch: int, options: dict[str, Any]) -> dict[str, Any]:
+def _validate(method: str, window: int, target: int, batch: int, options: dict[str, Any],
+              names: dict[str, str] | None = None) -> dict[str, Any]:
     """Checks everything static and returns the options with defaults filled in."""
+    name_of = {"method": "method", "window": "window", "target": "target", "batch": "batch", **(names or {})}
+    M, W, T = name_of["method"], name_of["window"], name_of["target"]
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+        raise ValueError(f"{M}={method!r} is not one of {METHODS}")
     for name, value in (("window", window), ("target", target), ("batch", batch)):
         if not _is_int(value) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+            raise ValueError(f"{name_of[name]} must be a positive int, got {value!r}")
     if target < window:
-        raise ValueError(f"target ({target}) must be >= window ({window})")
+        raise ValueError(f"{T} ({target}) must be >= {W} ({window})")
     allowed = _OPTIONS[method]
     for name in options:
         if name not in allowed:
@@ -114,7 +118,8 @@ def _validate(method: str, window: int, target: int, batch: int, options: dict[s
     opts = {**allowed, **options}
 
     if method == "full" and window != target:
-        raise ValueError(f"method 'full' needs window == target, got window={window}, target={target}")
+        raise ValueError(f"{M}='full' trains at the target length: it needs {W} == {T}, got {W}={window}, "
+                         f"{T}={target}")
     if "content" in opts and opts["content"] not in CONTENTS:
         raise ValueError(f"unknown content {opts['content']!r}; allowed: {', '.join(CONTENTS)}")
     if method != "cream":
@@ -123,11 +128,11 @@ def _validate(method: str, window: int, target: int, batch: int, options: dict[s
 
     if target % window:
         lo, hi = target // window * window, -(-target // window) * window
-        raise ValueError(f"CREAM needs an integer ratio f = target / window, got target={target}, "
-                         f"window={window} (ratio {target / window:g}); set target to a multiple of "
-                         f"window, e.g. target={lo} or target={hi}")
+        raise ValueError(f"{T}={target} is not a multiple of {W}={window}: CREAM needs an integer ratio "
+                         f"f = {T} / {W} (here {target / window:g}); set {T} to a multiple of {W}, e.g. "
+                         f"{T}={lo} or {T}={hi}")
     if window < 3:
-        raise ValueError(f"CREAM needs window >= 3 (head, middle and tail), got window={window}")
+        raise ValueError(f"CREAM needs {W} >= 3 (head, middle and tail), got {W}={window}")
     f = target // window
     if opts["gaussian"] not in GAUSSIANS:
         raise ValueError(f"unknown gaussian {opts['gaussian']!r}; allowed: {', '.join(GAUSSIANS)}")
@@ -143,7 +148,7 @@ def _validate(method: str, window: int, target: int, batch: int, options: dict[s
     if not _is_int(k) or k < 1:
         raise ValueError(f"k must be a positive int or None (= 4 * f), got {opts['k']!r}")
     if p > 0 and 2 * k >= window:
-        raise ValueError(f"k={k} too large for window={window}: continuity mode needs 2 * k < window "
+        raise ValueError(f"k={k} too large for {W}={window}: continuity mode needs 2 * k < {W} "
                          f"(allowed: 1 <= k <= {(window - 1) // 2}; default k = 4 * f = {4 * f})")
     opts["k"] = int(k)
     _check_doc_lengths(opts, window, target, batch)

@@ -81,6 +81,8 @@ def base() -> ml_collections.ConfigDict:
 
 
 POSITION_OPTIONS = ("gaussian", "sigma", "sigma_scale", "p_continuity", "k", "content")
+# What the sampler's checks call its arguments in a config's error messages.
+POSITION_NAMES = {"method": "positions.method", "window": "train.window", "target": "train.target_length"}
 
 
 def position_options(c: ml_collections.ConfigDict) -> dict:
@@ -116,21 +118,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> Ll
     unknown_mesh = set(c.mesh.keys()) - set(MESH_AXES)
     if unknown_mesh:
         raise ConfigError(f"mesh.{sorted(unknown_mesh)[0]} is not a mesh axis; use mesh.data, mesh.fsdp, mesh.tensor.")
-    if c.positions.method not in positions.METHODS:
-        raise ConfigError(f"positions.method={c.positions.method!r} is not one of {positions.METHODS}.")
-    for name in ("steps", "global_batch", "window", "target_length", "grad_accum"):
+    for name in ("steps", "global_batch", "grad_accum"):
         if t[name] <= 0:
             raise ConfigError(f"train.{name}={t[name]} must be positive.")
-    if t.window > t.target_length:
-        raise ConfigError(f"train.window={t.window} exceeds train.target_length={t.target_length}.")
-    if c.positions.method == "full" and t.window != t.target_length:
-        raise ConfigError(f"positions.method='full' trains at the target length: set train.window = "
-                          f"train.target_length (now {t.window} vs {t.target_length}).")
-    if c.positions.method == "cream" and t.target_length % t.window:
-        raise ConfigError(f"CREAM needs an integer extension factor: train.target_length={t.target_length} is not a "
-                          f"multiple of train.window={t.window}.")
-    try:  # the sampler's own option checks, without drawing
-        positions.validate(c.positions.method, window=t.window, target=t.target_length, **position_options(c))
+    try:  # the sampler's own checks (method, window vs target, CREAM's integer ratio, options), without drawing
+        positions.validate(c.positions.method, window=t.window, target=t.target_length, names=POSITION_NAMES,
+                           **position_options(c))
     except ValueError as e:
         raise ConfigError(f"positions: {e}") from None
     if t.global_batch % t.grad_accum:
@@ -139,7 +132,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> Ll
         raise ConfigError(f"train.decay={t.decay!r} is not one of ('cosine', 'linear', 'constant').")
     if t.warmup_steps < 0 or t.warmup_steps > t.steps:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps}].")
-    check_data(c)
+    from cream_jax.data import pipeline as data_pipeline  # here: the data package loads only when checked
+
+    data_pipeline.check(c.data, offsets(c))
     cfg = model_config(c) if not c.model.init_from else None
     if num_devices is not None:
         from cream_jax.sharding import MeshError, mesh_shape
@@ -157,24 +152,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> Ll
     return cfg
 
 
-def check_data(c: ml_collections.ConfigDict) -> None:
-    from cream_jax.data.pipeline import FORMATS, PACKINGS, SOURCES
-
-    d = c.data
-    for name, value, allowed in (("source", d.source, SOURCES), ("format", d.format, FORMATS),
-                                 ("packing", d.packing, PACKINGS)):
-        if value not in allowed:
-            raise ConfigError(f"data.{name}={value!r} is not one of {allowed}.")
-    if d.source in ("corpus", "tfds") and not d.name:
-        raise ConfigError(f"data.source={d.source!r} needs data.name.")
-    if d.source == "files" and not d.files:
-        raise ConfigError("data.source='files' needs data.files (comma-separated .txt/.jsonl paths).")
-    if offsets(c) and d.source != "synthetic_markov" and d.packing != "document":
-        raise ConfigError("positions.content='offsets' reads one document per row: set data.packing='document'.")
-    if d.format == "chat" and d.source == "synthetic_markov":
-        raise ConfigError("data.format='chat' needs a real source (data.source='files' with chat jsonl).")
-
-
 def pg19(c: ml_collections.ConfigDict, data_dir: str = "") -> None:
     """Train on PG-19's books (a prepared array_record TFDS dataset in data.data_dir, e.g. a gs:// bucket),
     tokenized with the tokenizer.model in model.init_from unless data.tokenizer says otherwise."""
@@ -188,9 +165,9 @@ def offsets(c: ml_collections.ConfigDict) -> bool:
 
 def batch_keys(c: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The arrays of a batch that the data source of `c` produces."""
-    if c.data.source == "synthetic_markov":
-        return ("tokens", "weights")
-    return ("tokens", "weights", "segment_ids") + (("doc_lengths",) if offsets(c) else ())
+    from cream_jax.data import pipeline as data_pipeline
+
+    return data_pipeline.batch_keys(c.data.source, offsets(c))
 
 
 def buffer_length(c: ml_collections.ConfigDict) -> int:

@@ -2,7 +2,7 @@
 # Train on a Cloud TPU VM or pod slice: create it, install cream-jax on every worker, run the same train
 # command on all workers (logs streamed here), relaunch after a preemption, and delete it.
 #
-#   launch/tpu_pod.sh [--dry-run] COMMAND --name NAME --zone ZONE [options] [-- extra train flags]
+#   launch/tpu_pod.sh [--dry_run] COMMAND --name NAME --zone ZONE [options] [-- extra train flags]
 #
 # COMMANDS
 #   create   create the TPU VM (or a queued resource with --queued)
@@ -26,7 +26,7 @@
 #   --config FILE        train recipe (default configs/llama2_7b_cream_32k.py)
 #   --workdir DIR        run directory on every worker; must be shared, e.g. /gcs/BUCKET/runs/NAME
 #   --retries N          relaunches after preemption for `run` (default 5)
-#   --dry-run            print every gcloud command instead of running it
+#   --dry_run            print every gcloud command instead of running it
 #
 # Example
 #   launch/tpu_pod.sh run --name cream32k --zone us-east5-a --type v5p-32 --spot --bucket my-bucket \
@@ -54,11 +54,11 @@ die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
 
 COMMAND="${1:-}"
 [[ -z "$COMMAND" || "$COMMAND" == "-h" || "$COMMAND" == "--help" ]] && usage 0
-if [[ "$COMMAND" == "--dry-run" ]]; then DRY_RUN=1; shift; COMMAND="${1:-}"; fi
+if [[ "$COMMAND" == "--dry_run" ]]; then DRY_RUN=1; shift; COMMAND="${1:-}"; fi
 shift || true
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --dry-run) DRY_RUN=1 ;;
+    --dry_run) DRY_RUN=1 ;;
     --name) NAME="$2"; shift ;;
     --zone) ZONE="$2"; shift ;;
     --project) PROJECT="$2"; shift ;;
@@ -93,7 +93,7 @@ GCLOUD=(gcloud compute tpus)
 LOCATION=(--zone "$ZONE")
 [[ -n "$PROJECT" ]] && LOCATION+=(--project "$PROJECT")
 
-# Run a command, or print it (shell-quoted) with --dry-run.
+# Run a command, or print it (shell-quoted) with --dry_run.
 run() {
   if [[ "$DRY_RUN" == 1 ]]; then
     local line

@@ -1,5 +1,5 @@
 """launch/: every flag that the scripts, the notebook and the docs pass to our CLIs exists (flags drift); the
-shell scripts pass shellcheck; tpu_pod.sh --dry-run prints the gcloud commands; local.sh and the Colab
+shell scripts pass shellcheck; tpu_pod.sh --dry_run prints the gcloud commands; local.sh and the Colab
 notebook's cells run end to end on this CPU."""
 
 import contextlib
@@ -95,18 +95,22 @@ def test_every_documented_flag_exists():
             elif key not in known:
                 problems.append(f"{name}: {module}{' ' + sub if sub else ''} {flag}: not a flag of the CLI")
     assert not problems, "\n".join(problems)
+    # one flag style: every flag of every CLI is spelled with underscores
+    hyphenated = {f"{m} {s or ''}": sorted(f for f in _known_flags(m, s) if "-" in f) for _, m, s, _ in commands}
+    assert {k: v for k, v in hyphenated.items() if v} == {}
 
 
 def test_launch_script_flags_exist():
     """Flags given to launch/*.sh in the docs and the notebook are options those scripts parse."""
     problems = []
     for script in sorted((ROOT / "launch").glob("*.sh")):
-        options = set(re.findall(r"^\s+(--[a-z-]+)\)", script.read_text(), re.M)) | {"--help", "--"}
+        options = set(re.findall(r"^\s+(--[a-z_-]+)\)", script.read_text(), re.M)) | {"--help", "--"}
+        assert not [o for o in options if "-" in o[2:] and o != "--"], (script.name, options)  # one flag style
         for name, text in _texts().items():
             text = re.sub(r"\\\n\s*", " ", text)
             for m in re.finditer(rf"launch/{script.name}([^\n`]*)", text):
                 before_extra = m.group(1).split(" -- ")[0]
-                for flag in re.findall(r"(?<!\S)(--[a-z-]+)", before_extra):
+                for flag in re.findall(r"(?<!\S)(--[a-z_-]+)", before_extra):
                     if flag not in options:
                         problems.append(f"{name}: launch/{script.name} {flag}")
     assert not problems, "\n".join(problems)
@@ -120,7 +124,7 @@ def test_shellcheck():
 
 
 def test_tpu_pod_dry_run_prints_the_gcloud_commands():
-    args = ["--dry-run", "run", "--name", "c32", "--zone", "us-east5-a", "--type", "v5p-32", "--spot", "--bucket", "b",
+    args = ["--dry_run", "run", "--name", "c32", "--zone", "us-east5-a", "--type", "v5p-32", "--spot", "--bucket", "b",
             "--workdir", "/gcs/b/runs/c32", "--", "--config.train.lr=1e-5"]
     # no gcloud on PATH: a dry run must not need it
     run = subprocess.run([str(ROOT / "launch" / "tpu_pod.sh"), *args], capture_output=True, text=True,
@@ -133,7 +137,7 @@ def test_tpu_pod_dry_run_prints_the_gcloud_commands():
     train = next(x for x in lines if "cream_jax.train" in x)
     assert "--worker=all" in train and "--distributed" in train and "--config.train.lr=1e-5" in train
     assert lines[-1] == "gcloud compute tpus tpu-vm delete c32 --zone us-east5-a --quiet"
-    bad = subprocess.run([str(ROOT / "launch" / "tpu_pod.sh"), "--dry-run", "run", "--name", "x"],
+    bad = subprocess.run([str(ROOT / "launch" / "tpu_pod.sh"), "--dry_run", "run", "--name", "x"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--zone is required" in bad.stderr
 

@@ -31,12 +31,15 @@ import dataclasses
 import queue
 from pathlib import Path
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cream_jax.data.cache import TokenCache
 from cream_jax.data.sources import DataError
+
+if TYPE_CHECKING:
+    from ml_collections import ConfigDict
 
 PACKINGS = ("packed", "document")
 STATE_VERSION = 1
@@ -285,6 +288,30 @@ SOURCES = ("synthetic_markov", "corpus", "files", "tfds")
 FORMATS = ("text", "chat")
 
 
+def batch_keys(source: str, offsets: bool) -> tuple[str, ...]:
+    """The arrays of each batch that a `data.source` produces (`offsets`: rows carry their documents' lengths)."""
+    if source == "synthetic_markov":
+        return ("tokens", "weights")
+    return ("tokens", "weights", "segment_ids") + (("doc_lengths",) if offsets else ())
+
+
+def check(d: ConfigDict, offsets: bool) -> None:
+    """The data config's checks (before anything is read or compiled); `offsets`: rows hold one document each."""
+    for name, value, allowed in (("source", d.source, SOURCES), ("format", d.format, FORMATS),
+                                 ("packing", d.packing, PACKINGS)):
+        if value not in allowed:
+            raise DataError(f"data.{name}={value!r} is not one of {allowed}.")
+    if d.source in ("corpus", "tfds") and not d.name:
+        raise DataError(f"data.source={d.source!r} needs data.name (a {'corpus' if d.source == 'corpus' else 'TFDS'} "
+                        "name, e.g. 'austen' or 'pg19').")
+    if d.source == "files" and not d.files:
+        raise DataError("data.source='files' needs data.files (comma-separated .txt/.jsonl paths).")
+    if offsets and d.source != "synthetic_markov" and d.packing != "document":
+        raise DataError("positions.content='offsets' reads one document per row: set data.packing='document'.")
+    if d.format == "chat" and d.source == "synthetic_markov":
+        raise DataError("data.format='chat' needs a real source (data.source='files' with chat jsonl).")
+
+
 def from_config(c, model_vocab_size: int, *, row_len: int, rows: slice, window: int, offsets: bool,
                 host: int = 0, num_hosts: int = 1, state: dict | None = None, progress: bool = True) -> Data:
     """The host's batches for a train config (`c.data`); every check on the data happens here, before training."""
@@ -295,10 +322,8 @@ def from_config(c, model_vocab_size: int, *, row_len: int, rows: slice, window: 
     from cream_jax.data import tokenizer as tok_lib
 
     d = c.data
-    if d.source not in SOURCES:
-        raise DataError(f"unknown data.source {d.source!r}; allowed: {', '.join(SOURCES)}")
-    if d.format not in FORMATS:
-        raise DataError(f"unknown data.format {d.format!r}; allowed: {', '.join(FORMATS)}")
+    check(d, offsets)
+    keys = batch_keys(d.source, offsets)
     rows_per_step = rows.stop - rows.start
     if d.source == "synthetic_markov":
         from cream_jax.data.synthetic import MarkovSource
@@ -307,7 +332,7 @@ def from_config(c, model_vocab_size: int, *, row_len: int, rows: slice, window: 
         desc = (f"synthetic Markov source (unigram entropy {source.unigram_entropy():.3f}, entropy rate "
                 f"{source.conditional_entropy():.3f} nats)")
         fp = f"synthetic:{model_vocab_size}:{d.branching}:{c.seed}:{row_len}:{rows.start}-{rows.stop}"
-        return Data(SyntheticBatches(source, rows, row_len, fingerprint=fp, state=state), desc, ("tokens", "weights"))
+        return Data(SyntheticBatches(source, rows, row_len, fingerprint=fp, state=state), desc, keys)
 
     root = corpora.cache_root(d.cache_dir or None)
     spec = d.tokenizer
@@ -318,8 +343,6 @@ def from_config(c, model_vocab_size: int, *, row_len: int, rows: slice, window: 
     layout = Layout(row_len=row_len, packing=d.packing, min_len=window if offsets else 2, offsets=offsets)
     chat = d.format == "chat"
     if d.source == "tfds":
-        if not d.name:
-            raise DataError("data.source='tfds' needs data.name (a TFDS dataset name, e.g. 'pg19')")
         documents = _Texts(sources.open_tfds(d.name, d.data_dir or None, d.split), d.text_key)
         source_id = f"tfds:{d.name}:{d.split}:{d.data_dir}:{d.text_key}"
         label = f"TFDS {d.name} ({d.split})"
@@ -341,5 +364,4 @@ def from_config(c, model_vocab_size: int, *, row_len: int, rows: slice, window: 
     desc = (f"{label}: host {host}/{num_hosts} has {cache.num_docs} documents, {cache.num_tokens} tokens; "
             f"{d.packing} rows of {row_len}, {stream.rows_per_epoch} rows per epoch; tokenizer {tok.path.name} "
             f"({tok.vocab_size} pieces)")
-    keys = ("tokens", "weights", "segment_ids") + (("doc_lengths",) if offsets else ())
     return Data(batches, desc, keys)
