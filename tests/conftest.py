@@ -23,8 +23,33 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cream-jax-tests-jit-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
+import ipaddress  # noqa: E402
+import socket  # noqa: E402
+
 import pytest  # noqa: E402
 
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only(request, monkeypatch):
+    """Tests not marked `network` may connect to this machine only (jax.distributed's coordinator, local
+    servers): a hub download or a telemetry call fails the test instead of passing where the internet is."""
+    if request.node.get_closest_marker("network"):
+        return
+    connect = socket.socket.connect
+
+    def guarded(sock, address):
+        host = address[0] if isinstance(address, tuple) else None  # a str: a Unix socket's path
+        if host is not None and host != "localhost":
+            try:
+                loopback = ipaddress.ip_address(host).is_loopback
+            except ValueError:  # any other host name
+                loopback = False
+            if not loopback:
+                raise OSError(f"{request.node.nodeid} connects to {address}: mark it @pytest.mark.network")
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
 
 
 @pytest.fixture(scope="session")

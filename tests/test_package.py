@@ -93,6 +93,19 @@ def test_the_data_package_knows_nothing_of_models_or_training():
     assert {m: i for m, i in outside.items() if i} == {}
 
 
+def test_a_test_cannot_reach_beyond_this_machine():
+    """conftest refuses connections to anything but loopback unless a test is marked `network`."""
+    import socket
+
+    with socket.socket() as s, pytest.raises(OSError, match="mark it @pytest.mark.network"):
+        s.settimeout(1.0)
+        s.connect(("192.0.2.1", 80))  # TEST-NET-1: never routed
+    with socket.socket() as server, socket.socket() as client:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        client.connect(server.getsockname())  # loopback stays open (jax.distributed, local servers)
+
+
 def test_the_compile_target_is_a_static_config_field():
     """`platform` is validated, resolved to the default backend when empty, left out of what checkpoints
     save, and changes the traced program (rotate_half as a matmul on TPU)."""
