@@ -557,13 +557,12 @@ def main(argv: list[str] | None = None) -> int:
     results = {"meta": {**_meta(sizes, a.quick), "notes": a.notes}, **bench_train(sizes),
                "attention": bench_attention(sizes)}
     results["meta"]["total_s"] = time.perf_counter() - start
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    from cream_jax.report import write_report
+
     md = markdown(results)
-    (out / "bench.md").write_text(md)
+    json_path, md_path = write_report(a.out, "bench", results, md)
     print(md)
-    log(f"done in {results['meta']['total_s']:.0f} s; wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    log(f"done in {results['meta']['total_s']:.0f} s; wrote {json_path} and {md_path}")
     return 0
 
 

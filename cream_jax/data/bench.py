@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cream_jax.report import markdown_table
+from cream_jax.report import markdown_table, write_report
 
 
 def _time(fn, repeat: int) -> float:
@@ -155,11 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         pipe = by_layout[s["layout"][0]]["tokens_per_s"]
         result["margin"].append({"step": s["what"], "step_tokens_per_s": s["tokens_per_s"], "layout": s["layout"][0],
                                  "pipeline_tokens_per_s": pipe, "margin": pipe / s["tokens_per_s"]})
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "data_bench.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result)
-    (out / "data_bench.md").write_text(md)
+    write_report(a.out, "data_bench", result, md)
     print(md)
     return 0
 
