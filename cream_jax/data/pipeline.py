@@ -31,12 +31,15 @@ import dataclasses
 import queue
 from pathlib import Path
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cream_jax.data.cache import TokenCache
 from cream_jax.data.sources import DataError
+
+if TYPE_CHECKING:
+    import ml_collections
 
 PACKINGS = ("packed", "document")
 STATE_VERSION = 1
@@ -285,8 +288,9 @@ SOURCES = ("synthetic_markov", "corpus", "files", "tfds")
 FORMATS = ("text", "chat")
 
 
-def from_config(c, model_vocab_size: int, *, row_len: int, rows: slice, window: int, offsets: bool,
-                host: int = 0, num_hosts: int = 1, state: dict | None = None, progress: bool = True) -> Data:
+def from_config(c: ml_collections.ConfigDict, model_vocab_size: int, *, row_len: int, rows: slice, window: int,
+                offsets: bool, host: int = 0, num_hosts: int = 1, state: dict | None = None,
+                progress: bool = True) -> Data:
     """The host's batches for a train config (`c.data`); every check on the data happens here, before training."""
     import hashlib
 
