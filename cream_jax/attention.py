@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +41,7 @@ _UNROLL_BLOCK_LOOPS = contextvars.ContextVar("unroll_block_loops", default=False
 
 
 @contextlib.contextmanager
-def unrolled_block_loops():
+def unrolled_block_loops() -> Iterator[None]:
     """Trace `blockwise` attention with Python loops over blocks (for exact compiler cost figures)."""
     token = _UNROLL_BLOCK_LOOPS.set(True)
     try:
@@ -86,7 +87,8 @@ def block_size_for(backend: str, block_size: int = 0, platform: str = "") -> int
     return block_size or DEFAULT_BLOCK_SIZE.get(resolve_backend(backend, platform), 0)
 
 
-def attend(q, k, v, segment_ids=None, *, backend: str = "dot_product", block_size: int = 0, platform: str = ""):
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *,
+           backend: str = "dot_product", block_size: int = 0, platform: str = "") -> jax.Array:
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads.")
     if segment_ids is None:
@@ -119,7 +121,8 @@ def _mask(q_index, kv_index, q_segment, kv_segment):
     return causal[None] & same
 
 
-def dot_product_attention(q_BxSxHxK, k_BxTxNxK, v_BxTxNxK, segment_ids_BxS):
+def dot_product_attention(q_BxSxHxK: jax.Array, k_BxTxNxK: jax.Array, v_BxTxNxK: jax.Array,
+                          segment_ids_BxS: jax.Array) -> jax.Array:
     B, S, H, K = q_BxSxHxK.shape
     N = k_BxTxNxK.shape[2]
     q_BxSxNxGxK = q_BxSxHxK.reshape(B, S, N, H // N, K)
@@ -133,7 +136,8 @@ def dot_product_attention(q_BxSxHxK, k_BxTxNxK, v_BxTxNxK, segment_ids_BxS):
     return out_BxSxNxGxK.reshape(B, S, H, K)
 
 
-def blockwise_attention(q_BxSxHxK, k_BxSxNxK, v_BxSxNxK, segment_ids_BxS, *, block_size: int):
+def blockwise_attention(q_BxSxHxK: jax.Array, k_BxSxNxK: jax.Array, v_BxSxNxK: jax.Array, segment_ids_BxS: jax.Array,
+                        *, block_size: int) -> jax.Array:
     B, S, H, K = q_BxSxHxK.shape
     N = k_BxSxNxK.shape[2]
     G = H // N

@@ -55,6 +55,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
@@ -136,13 +137,13 @@ def reset_hwm() -> None:
         f.write("5")
 
 
-def seconds(call) -> float:
+def seconds(call: Callable[[], object]) -> float:
     start = time.perf_counter()
     call()
     return time.perf_counter() - start
 
 
-def timed_calls(call, steps: int, warmup: int, budget_s: float) -> dict:
+def timed_calls(call: Callable[[], object], steps: int, warmup: int, budget_s: float) -> dict:
     """Time `call()` (which blocks until done): the first call apart, `warmup` discarded, then up to `steps`
     timed ones (fewer, never under 3, if they would run past `budget_s`); peak RSS over the timed ones."""
     start = time.perf_counter()

@@ -15,13 +15,18 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cream_jax import checkpoint, hf, load
 from cream_jax.errors import CreamError
 
+if TYPE_CHECKING:
+    from cream_jax.model import Llama
+
 
 def export_hf(source: str | Path, out: str | Path, *, step: int | None = None, tokenizer: str | None = None,
-              dtype: str | None = None, max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES, progress: bool = True):
+              dtype: str | None = None, max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES,
+              progress: bool = True) -> tuple[Llama, str, Path]:
     """A model from any source (`load.load_model`: a train run's newest or `step` checkpoint, a params
     checkpoint, an HF directory) written as a Hugging Face directory. Returns (module, label, out)."""
     module, label = load.load_model(source, step, progress=progress)

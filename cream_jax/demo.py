@@ -23,9 +23,17 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import ml_collections
+
+    from cream_jax.config import LlamaConfig
+    from cream_jax.data.tokenizer import Tokenizer
 
 METHODS = ("plain", "pose", "cream")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -65,7 +73,7 @@ class Recipe:
         return self.window * self.factor
 
     @classmethod
-    def quick(cls, **kw) -> "Recipe":
+    def quick(cls, **kw: Any) -> "Recipe":
         return cls(**{**dict(pretrain_steps=6, anneal_steps=2, finetune_steps=4, batch=8, eval_samples=1,
                              factor=2, novels=1), **kw})
 
@@ -87,7 +95,7 @@ def read_novels(r: Recipe) -> list[str]:
     return novels[:r.novels]
 
 
-def prepare_data(r: Recipe, out: Path, novels: list[str]):
+def prepare_data(r: Recipe, out: Path, novels: list[str]) -> tuple[Tokenizer, Path, Path]:
     """Tokenizer trained on the novels, and a jsonl of corpus windows and passkey prompts with their answers."""
     from cream_jax import tasks
     from cream_jax.data import tokenizer as tok_lib
@@ -140,7 +148,8 @@ def _fits(tok, length: int) -> bool:
 # ----------------------------------------------------------------------------- training
 
 
-def train_config(r: Recipe, tokenizer: Path, data: Path, *, method: str, init_from: str = ""):
+def train_config(r: Recipe, tokenizer: Path, data: Path, *, method: str,
+                 init_from: str = "") -> ml_collections.ConfigDict:
     from cream_jax.train_config import base
 
     c = base()
@@ -166,7 +175,7 @@ def train_config(r: Recipe, tokenizer: Path, data: Path, *, method: str, init_fr
     return c
 
 
-def pretrain(r: Recipe, tok, tok_path: Path, data: Path, out: Path) -> dict:
+def pretrain(r: Recipe, tok: Tokenizer, tok_path: Path, data: Path, out: Path) -> dict:
     """Pretrain at N and check passkey retrieval within N (on prompts the final evaluation does not use); below
     `pretrain_target`, one more cosine cycle from those weights. Returns the run info and its HF export."""
     info = train(r, "pretrain", train_config(r, tok_path, data, method="pretrain"), out)
@@ -219,7 +228,7 @@ def extended_rope(r: Recipe) -> dict:
     return rope
 
 
-def train(r: Recipe, name: str, c, out: Path) -> dict:
+def train(r: Recipe, name: str, c: ml_collections.ConfigDict, out: Path) -> dict:
     from cream_jax import train as train_lib
 
     workdir = out / "runs" / name
@@ -237,7 +246,8 @@ def train(r: Recipe, name: str, c, out: Path) -> dict:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def passkey_eval(cfg, params, tok, lengths, samples: int, seed: int) -> list[dict]:
+def passkey_eval(cfg: LlamaConfig, params: dict, tok: Tokenizer, lengths: Sequence[int], samples: int,
+                 seed: int) -> list[dict]:
     from cream_jax import evaluate
 
     examples = evaluate.make_examples("passkey", tok, lengths=lengths, depths=DEPTHS, samples=samples, seed=seed,
@@ -253,7 +263,7 @@ def by_length(summary: list[dict]) -> dict[int, float]:
     return {k: float(np.mean(v)) for k, v in sorted(out.items())}
 
 
-def table(results: dict, lengths, window: int) -> str:
+def table(results: dict, lengths: Sequence[int], window: int) -> str:
     header = ["model"] + [f"{n}{' (N)' if n == window else ''}" for n in lengths] + ["mean beyond N"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for name, res in results.items():
@@ -328,7 +338,7 @@ def another_recipe(saved: dict, r: Recipe) -> bool:
     return {**defaults, **saved} != dataclasses.asdict(r)
 
 
-def run(r: Recipe, out: Path, methods=METHODS) -> dict:
+def run(r: Recipe, out: Path, methods: Sequence[str] = METHODS) -> dict:
     import jax
 
     from flax import nnx
@@ -438,7 +448,7 @@ def seeds_benchmark(r: Recipe, seeds: list[int], out: Path, doc: Path | None) ->
     return summary
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cream_jax.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/demo")

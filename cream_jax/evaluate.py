@@ -24,15 +24,24 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cream_jax import generate, tasks
+from cream_jax.config import LlamaConfig
 from cream_jax.errors import CreamError
 from cream_jax.report import markdown_table
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.image import AxesImage
+
+    from cream_jax.data.tokenizer import Tokenizer
 
 # The grid axes of each task's results (the references' axes) and what the table's rows are.
 GRID = {"passkey": ("length", "depth"), "kv": ("keys", "index"), "lines": ("lines",), "ruler": ("subtask", "length")}
@@ -40,7 +49,7 @@ PPL_MODES = ("documents", "sliding")
 SHAPE_MULTIPLE = 64  # prompts and caches are padded to multiples of this: prompts of similar length share compiles
 
 
-def load(args) -> tuple:
+def load(args: argparse.Namespace) -> tuple:
     """(config, params, tokenizer, label) from --ckpt (a train run or params checkpoint) or --hf (a Hugging
     Face directory)."""
     from flax import nnx
@@ -58,7 +67,8 @@ def load(args) -> tuple:
     return module.config, nnx.to_pure_dict(nnx.state(module, nnx.Param)), tok, label
 
 
-def make_examples(task: str, tok, *, lengths=(), depths=(), keys=(), lines=(), subtasks=(), samples: int = 1,
+def make_examples(task: str, tok: Tokenizer, *, lengths: Sequence[int] = (), depths: Sequence[float] = (),
+                  keys: Iterable[int] = (), lines: Iterable[int] = (), subtasks: Iterable[str] = (), samples: int = 1,
                   seed: int = 0, corpus: str = "austen", chat: str | None = None,
                   key_range: tuple[int, int] = tasks.PASSKEY_KEYS, style: str = "pose") -> list[tasks.Example]:
     """`samples` prompts per grid cell, reproducible by `seed`. kv and lines: the counts in `keys` / `lines`,
@@ -102,7 +112,8 @@ def _scorer(example: tasks.Example):
     return tasks.answer_tokens(task), lambda text: tasks.score(task, text, example.answer)
 
 
-def run_generation(cfg, params, tok, examples, batch: int, chunk: int, progress: bool = True) -> list:
+def run_generation(cfg: LlamaConfig, params: dict, tok: Tokenizer, examples: Sequence[tasks.Example], batch: int,
+                   chunk: int, progress: bool = True) -> list:
     """Greedy answers for `examples`, `batch` prompts at a time: prompts with the same number of new tokens,
     in order of length, left-padded together. A continuation ends at the first EOS (as generate() stops there
     in the references); the rest is not scored."""
@@ -153,7 +164,7 @@ def _ruler_tasks() -> tuple[str, ...]:
     return ruler.TASKS
 
 
-def sequence_nll(cfg, params, ids, chunk: int) -> np.ndarray:
+def sequence_nll(cfg: LlamaConfig, params: dict, ids: Sequence[int] | np.ndarray, chunk: int) -> np.ndarray:
     """Negative log-likelihood of each next token of one sequence [T - 1], fed through the KV cache in chunks
     (memory for one chunk's scores, not T x T): the same values as one forward pass over the sequence, dynamic
     NTK RoPE included (every chunk is rotated for the whole sequence's length)."""
@@ -169,7 +180,8 @@ def sequence_nll(cfg, params, ids, chunk: int) -> np.ndarray:
     return -logp[np.arange(T - 1), ids[0, 1:]]
 
 
-def perplexity(cfg, params, tok, docs: list[str], lengths, *, mode: str = "documents", count: int = 4,
+def perplexity(cfg: LlamaConfig, params: dict, tok: Tokenizer, docs: list[str], lengths: Sequence[int], *,
+               mode: str = "documents", count: int = 4,
                chunk: int = 512, buckets: int = 8, progress: bool = True) -> list[dict]:
     """Perplexity per length T, and per position bucket (T / buckets positions each).
 
@@ -244,7 +256,7 @@ def table(task: str, summary: list[dict]) -> str:
     return markdown_table(header, body)
 
 
-def passkey_heatmap(ax, summary: list[dict], fontsize: int = 8):
+def passkey_heatmap(ax: Axes, summary: list[dict], fontsize: int = 8) -> AxesImage:
     """Passkey accuracy as a depth x length grid on `ax`, each cell labelled; returns the image."""
     lengths = sorted({r["length"] for r in summary})
     depths = sorted({r["depth"] for r in summary})

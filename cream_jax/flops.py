@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from cream_jax.config import LlamaConfig
+
+if TYPE_CHECKING:
+    import jax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,13 +44,13 @@ def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
     return 3 * (2 * matmul_params + attention)
 
 
-def chip_of(device) -> Chip | None:
+def chip_of(device: jax.Device) -> Chip | None:
     """The table's entry for a jax device (by its `device_kind`), or None for one it does not know (a CPU)."""
     kind = getattr(device, "device_kind", "")
     return next((chip for chip in CHIPS.values() if any(kind.startswith(k) for k in chip.device_kinds)), None)
 
 
-def peak_flops(device, override: float = 0.0) -> float | None:
+def peak_flops(device: jax.Device, override: float = 0.0) -> float | None:
     """`override` if set, else the device's peak dense bf16 FLOP/s from `CHIPS` (None if unknown)."""
     if override:
         return override

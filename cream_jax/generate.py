@@ -44,7 +44,7 @@ class KVCache:
         return self.k.shape[2]
 
 
-def init_cache(cfg: LlamaConfig, batch: int, max_len: int, start_B=None) -> KVCache:
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, start_B: jax.typing.ArrayLike | None = None) -> KVCache:
     """An empty cache; `start_B` (default 0) is each row's left padding, for prompts of different lengths."""
     shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
     dtype = jnp.dtype(cfg.dtype)
@@ -70,7 +70,8 @@ def sequence_end(cache: KVCache, num_tokens: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def extend(cfg: LlamaConfig, params: dict, tokens_BxC, cache: KVCache, num_new=None, seq_len=None):
+def extend(cfg: LlamaConfig, params: dict, tokens_BxC: jax.Array, cache: KVCache,
+           num_new: int | jax.Array | None = None, seq_len: int | jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Feed C tokens at slots [length, length + C): (logits [B, C, V], the cache with their keys and values).
 
     `num_new` (<= C, default C) is how many of the C tokens are real; the cache length advances by it, and the
@@ -101,7 +102,8 @@ def extend(cfg: LlamaConfig, params: dict, tokens_BxC, cache: KVCache, num_new=N
     return output_logits(cfg, params, x_BxCxD), KVCache(k_cache, v_cache, cache.length + num_new, cache.start)
 
 
-def prefill(cfg: LlamaConfig, params: dict, tokens_BxS, cache: KVCache, chunk: int = 512):
+def prefill(cfg: LlamaConfig, params: dict, tokens_BxS: jax.typing.ArrayLike, cache: KVCache,
+            chunk: int = 512) -> tuple[jax.Array, KVCache]:
     """Feed a prompt in chunks of `chunk` tokens (the last one padded, so only two shapes compile).
 
     Returns (logits of the prompt's last token [B, V], cache)."""
@@ -134,9 +136,10 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0, multiple: int = 1) -> tu
     return np.asarray([[pad_id] * (S - len(p)) + list(p) for p in prompts], np.int32), start_B
 
 
-def generate(cfg: LlamaConfig, params: dict, prompt_BxS, max_new_tokens: int, *, temperature: float = 0.0,
+def generate(cfg: LlamaConfig, params: dict, prompt_BxS: jax.typing.ArrayLike, max_new_tokens: int, *,
+             temperature: float = 0.0,
              key: jax.Array | None = None, chunk: int = 512, max_len: int | None = None,
-             stop_token: int | None = None, start_B=None) -> np.ndarray:
+             stop_token: int | None = None, start_B: jax.typing.ArrayLike | None = None) -> np.ndarray:
     """Prompt plus `max_new_tokens` tokens [B, S + new]: greedy at temperature 0, else sampled with `key`.
 
     Prompts of different lengths: `left_pad` them and pass `start_B`; each row then sees only its own tokens,

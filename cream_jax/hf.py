@@ -296,7 +296,7 @@ def load_hf(path: str | os.PathLike, progress: bool = True, **config_overrides: 
 # ----------------------------------------------------------------------------- writing
 
 
-def iter_hf_tensors(module: model_lib.Llama, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+def iter_hf_tensors(module: model_lib.Llama, dtype: np.dtype | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, torch-layout numpy array) one tensor at a time, in HF's order."""
     cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype))  # noqa: E731
     for path, leaf in _param_leaves(nnx.state(module, nnx.Param)):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import jax
 import ml_collections
@@ -18,6 +19,9 @@ from flax import nnx
 from cream_jax import train_config as tc
 from cream_jax.config import LlamaConfig
 from cream_jax.errors import CreamError
+
+if TYPE_CHECKING:
+    from cream_jax.model import Llama
 
 KINDS = {"hf": "Hugging Face directory", "params": "params checkpoint", "run": "train run"}
 
@@ -54,7 +58,8 @@ def read_config(path: str | Path, step: int | None = None) -> tuple[LlamaConfig,
     return hf.read_config(path), kind
 
 
-def load_model(path: str | Path, step: int | None = None, progress: bool = True, **config_overrides):
+def load_model(path: str | Path, step: int | None = None, progress: bool = True,
+               **config_overrides: Any) -> tuple[Llama, str]:
     """(the model on one device, a label saying what was loaded) from any source; `step` picks a train
     run's checkpoint (default: the newest) and is refused for the other sources."""
     from cream_jax import checkpoint, hf

@@ -16,6 +16,7 @@ K head_dim, L layers. Scalars keep their names (`window`, `target`); public fiel
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -95,19 +96,21 @@ class Llama(nnx.Module):
             self.lm_head = Weight(_normal(rngs, (config.hidden_size, config.vocab_size), config.initializer_range,
                                           dtype), ("embed", "vocab"))
 
-    def __call__(self, tokens_BxS, position_ids=None, segment_ids=None):
+    def __call__(self, tokens_BxS: jax.Array, position_ids: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
         return forward(self.config, nnx.to_pure_dict(nnx.state(self, nnx.Param)), tokens_BxS,
                        position_ids=position_ids, segment_ids=segment_ids)
 
 
-def rms_norm(x_BxSxD, weight_D, eps: float):
+def rms_norm(x_BxSxD: jax.Array, weight_D: jax.Array, eps: float) -> jax.Array:
     """As HF: normalise in float32, cast back, then multiply by the weight."""
     x = x_BxSxD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
     return weight_D.astype(x_BxSxD.dtype) * x.astype(x_BxSxD.dtype)
 
 
-def project(x, w, name: str, platform: str = "", preferred_element_type=None):
+def project(x: jax.Array, w: jax.Array, name: str, platform: str = "",
+            preferred_element_type: jax.typing.DTypeLike | None = None) -> jax.Array:
     """`x @ w` over the kernel's input axes (`PROJECTION_INPUT_AXES[name]`), named `name` for the remat
     policies: the einsum "bsd,dhk->bshk" for q_proj, "bshk,hkd->bsd" for o_proj, and so on.
 
@@ -126,7 +129,8 @@ def project(x, w, name: str, platform: str = "", preferred_element_type=None):
     return checkpoint_name(y, name)
 
 
-def attention_inputs(cfg: LlamaConfig, p: dict, x_BxSxD, cos_BxSxK, sin_BxSxK, q_scale_BxS):
+def attention_inputs(cfg: LlamaConfig, p: dict, x_BxSxD: jax.Array, cos_BxSxK: jax.Array, sin_BxSxK: jax.Array,
+                     q_scale_BxS: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A layer's queries, keys and values: projected, RoPE applied, and (EABF) the query scaled."""
     dtype = x_BxSxD.dtype
     h_BxSxD = rms_norm(x_BxSxD, p["input_layernorm"]["weight"], cfg.rms_norm_eps)
@@ -143,7 +147,7 @@ def attention_inputs(cfg: LlamaConfig, p: dict, x_BxSxD, cos_BxSxK, sin_BxSxK, q
     return checkpoint_name(q_BxSxHxK, "attention_query"), checkpoint_name(k_BxSxNxK, "attention_key"), v_BxSxNxK
 
 
-def layer_output(cfg: LlamaConfig, p: dict, x_BxSxD, attn_BxSxHxK):
+def layer_output(cfg: LlamaConfig, p: dict, x_BxSxD: jax.Array, attn_BxSxHxK: jax.Array) -> jax.Array:
     """The rest of a layer after attention: output projection, residual, MLP, residual."""
     out_BxSxD = project(attn_BxSxHxK, p["self_attn"]["o_proj"]["weight"], "o_proj", cfg.platform)
     x_BxSxD = constrain(x_BxSxD + out_BxSxD, ("batch", "length", "activation_embed"))
@@ -157,7 +161,8 @@ def layer_output(cfg: LlamaConfig, p: dict, x_BxSxD, attn_BxSxHxK):
     return constrain(x_BxSxD + out_BxSxD, ("batch", "length", "activation_embed"))
 
 
-def decoder_layer(cfg: LlamaConfig, p: dict, x_BxSxD, cos_BxSxK, sin_BxSxK, q_scale_BxS, segment_ids_BxS):
+def decoder_layer(cfg: LlamaConfig, p: dict, x_BxSxD: jax.Array, cos_BxSxK: jax.Array, sin_BxSxK: jax.Array,
+                  q_scale_BxS: jax.Array | None, segment_ids_BxS: jax.Array | None) -> jax.Array:
     """One layer on one layer's parameters `p` (a slice of the stacked tree)."""
     q_BxSxHxK, k_BxSxNxK, v_BxSxNxK = attention_inputs(cfg, p, x_BxSxD, cos_BxSxK, sin_BxSxK, q_scale_BxS)
     attn_BxSxHxK = attend(q_BxSxHxK, k_BxSxNxK, v_BxSxNxK, segment_ids_BxS,
@@ -165,7 +170,7 @@ def decoder_layer(cfg: LlamaConfig, p: dict, x_BxSxD, cos_BxSxK, sin_BxSxK, q_sc
     return layer_output(cfg, p, x_BxSxD, attn_BxSxHxK)
 
 
-def remat_policy(name: str):
+def remat_policy(name: str) -> Callable[..., bool] | None:
     """What the backward pass keeps from the forward, from least to most memory: `full` nothing;
     `save_attention` the attention's output and logsumexp (`config.ATTENTION_RESIDUALS`, so the blockwise or splash
     forward does not run twice; at long lengths it is the bulk of the recomputation); `save_proj` those, the
@@ -183,7 +188,8 @@ def remat_policy(name: str):
     }[name]
 
 
-def forward(cfg: LlamaConfig, params: dict, tokens_BxS, position_ids=None, segment_ids=None):
+def forward(cfg: LlamaConfig, params: dict, tokens_BxS: jax.Array, position_ids: jax.Array | None = None,
+            segment_ids: jax.Array | None = None) -> jax.Array:
     """The pure forward pass on a nested dict of parameters (the NNX state as a pure dict)."""
     B, S = tokens_BxS.shape
     dtype = jnp.dtype(cfg.dtype)
@@ -212,7 +218,7 @@ def forward(cfg: LlamaConfig, params: dict, tokens_BxS, position_ids=None, segme
     return output_logits(cfg, params, x_BxSxD)
 
 
-def output_logits(cfg: LlamaConfig, params: dict, x_BxSxD):
+def output_logits(cfg: LlamaConfig, params: dict, x_BxSxD: jax.Array) -> jax.Array:
     """Final norm and the vocabulary projection (tied or lm_head), in float32."""
     x_BxSxD = rms_norm(x_BxSxD, params["model"]["norm"]["weight"], cfg.rms_norm_eps)
     if cfg.tie_word_embeddings:
@@ -223,7 +229,7 @@ def output_logits(cfg: LlamaConfig, params: dict, x_BxSxD):
     return constrain(logits_BxSxV, ("batch", "length", "activation_vocab"))
 
 
-def layer_q_scale(cfg: LlamaConfig, q_scale_BxS, index):
+def layer_q_scale(cfg: LlamaConfig, q_scale_BxS: jax.Array | None, index: jax.Array) -> jax.Array | None:
     """EABF's query scale for layer `index` (1 on the skipped layers), or None without EABF."""
     if q_scale_BxS is None:
         return None

@@ -56,7 +56,7 @@ from cream_jax import attention, sharding, tpu
 from cream_jax import flops as flops_lib
 from cream_jax import state as state_lib
 from cream_jax import step as step_lib
-from cream_jax.config import REMAT_POLICIES
+from cream_jax.config import REMAT_POLICIES, LlamaConfig
 from cream_jax import train_config as tc
 from cream_jax.splash import KERNEL_MATMULS, kernel_calls, splash_flops
 from cream_jax.errors import CreamError
@@ -113,13 +113,15 @@ def _abstract_inputs(c: ml_collections.ConfigDict, cfg, mesh):
     return built.fn, (state, batch, step)
 
 
-def compile_step(c: ml_collections.ConfigDict, cfg, mesh, compiler_options: dict | None = None):
+def compile_step(c: ml_collections.ConfigDict, cfg: LlamaConfig, mesh: jax.sharding.Mesh,
+                 compiler_options: dict | None = None) -> jax.stages.Compiled:
     fn, args = _abstract_inputs(c, cfg.replace(platform=mesh.devices.flat[0].platform), mesh)
     with jax.set_mesh(mesh):
         return fn.trace(*args).lower().compile(compiler_options)
 
 
-def compile_step_with_hlo(c: ml_collections.ConfigDict, cfg, mesh, compiler_options: dict | None = None):
+def compile_step_with_hlo(c: ml_collections.ConfigDict, cfg: LlamaConfig, mesh: jax.sharding.Mesh,
+                          compiler_options: dict | None = None) -> tuple[jax.stages.Compiled, str]:
     """`compile_step` and the optimised HLO text, as the compiler itself dumps it: `compiled.as_text()`
     fails on some TPU modules (jaxlib cannot parse back libtpu's async-update instructions)."""
     with tempfile.TemporaryDirectory() as dump:
@@ -400,7 +402,7 @@ def _ratio_line(cream: Plan, baseline: Plan) -> str | None:
             f"alone: {flops_ratio:.2f}x).")
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from absl import app, flags
     from ml_collections import config_flags
 

@@ -94,7 +94,8 @@ def _yarn_inv_freq(rope: RopeConfig, d: int) -> tuple[np.ndarray, float]:
     return inv_freq.astype(f32), yarn_attention_factor(rope)
 
 
-def inv_freq_for(config: LlamaConfig, position_ids: jax.Array, seq_len=None) -> tuple[jax.Array, float]:
+def inv_freq_for(config: LlamaConfig, position_ids: jax.Array,
+                 seq_len: int | jax.Array | None = None) -> tuple[jax.Array, float]:
     """inv_freq for this batch. Only `dynamic` depends on the input: its base grows with the sequence length
     T once T exceeds max_position_embeddings (as HF's dynamic NTK). T is `seq_len` where given, else
     max(position_ids) + 1: a full forward pass sees the whole sequence, but a chunk of a longer prompt does
@@ -115,7 +116,8 @@ def inv_freq_for(config: LlamaConfig, position_ids: jax.Array, seq_len=None) -> 
     return jnp.where(seq_len > max_pos, long_inv_freq, jnp.asarray(inv_freq)), attention_factor
 
 
-def cos_sin(config: LlamaConfig, position_ids_BxS: jax.Array, seq_len=None) -> tuple[jax.Array, jax.Array]:
+def cos_sin(config: LlamaConfig, position_ids_BxS: jax.Array,
+            seq_len: int | jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """cos, sin [B, S, head_dim] in float32 from explicit (possibly jumping) position ids; `seq_len`: the
     length dynamic NTK scales for (default: max(position_ids) + 1, see `inv_freq_for`)."""
     inv_freq_K2, attention_factor = inv_freq_for(config, position_ids_BxS, seq_len)
@@ -164,7 +166,7 @@ def _rotary_by_matmul(x_BxSxHxK, cos_BxSxK, sin_BxSxK):
     return (x_BxSxHxK.astype(jnp.float32) * cos + rotated_BxSxHxK.astype(jnp.float32) * sin).astype(x_BxSxHxK.dtype)
 
 
-def eabf_scale(position_ids, base_length: int):
+def eabf_scale(position_ids: jax.typing.ArrayLike, base_length: int) -> jax.Array:
     """EABF query scale max(1, ln(p + 1) / ln(c)) in float32, p the absolute position id."""
     p = jnp.asarray(position_ids).astype(jnp.float32)
     return jnp.maximum(1.0, jnp.log(p + 1.0) / f32(math.log(base_length)))

@@ -55,11 +55,14 @@ import importlib.resources
 import re
 import string
 import uuid
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from cream_jax.tasks import Example, TaskError, chat_wrap, fit
+
+if TYPE_CHECKING:
+    from cream_jax.data.tokenizer import Tokenizer
 
 TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
          "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
@@ -136,7 +139,7 @@ def compose(template: str, answer_prefix: str, chat: str | None = None) -> str:
     return chat_wrap(template, chat) + answer_prefix
 
 
-def fill(template: str, **values) -> str:
+def fill(template: str, **values: object) -> str:
     """str.format for {name} fields in one pass (a value's or a chat template's own braces stay as they are)."""
     return re.sub(r"\{(\w+)\}", lambda m: str(values[m[1]]) if m[1] in values else m[0], template)
 
@@ -389,7 +392,7 @@ class ChunkCounter:
     whitespace-split piece on its own, so this is exact but for runs of spaces): an estimate that encodes each
     distinct chunk once, to start `tasks.fit` near its answer."""
 
-    def __init__(self, tok):
+    def __init__(self, tok: Tokenizer):
         self.sp, self.counts = tok.sp, {}
 
     def __call__(self, text: str) -> int:
@@ -420,7 +423,7 @@ def estimate(size: Callable[[int], int], target: int, lo: int, hi: int | None = 
     return good
 
 
-def fit_haystack(tok, build: Callable[[int], str], budget: int, lo: int, hi: int | None = None,
+def fit_haystack(tok: Tokenizer, build: Callable[[int], str], budget: int, lo: int, hi: int | None = None,
                  what: str = "prompt") -> tuple[int, list[int], str]:
     """`tasks.fit` (the largest n whose build(n) encodes to at most `budget` tokens) started from the chunk-count
     estimate, so that a 128K-token prompt is encoded a few times rather than a dozen; from lo where the
@@ -568,7 +571,7 @@ def _fwe(tok, length: int, budget: int, rng: np.random.Generator, chat: str | No
     return ids, text, vocab[1:4], n, {"vocab_size": vocab_size, "words": n}
 
 
-def build(tok, task: str, length: int, rng: np.random.Generator, corpus: str = "austen",
+def build(tok: Tokenizer, task: str, length: int, rng: np.random.Generator, corpus: str = "austen",
           chat: str | None = None) -> Example:
     """A RULER prompt for `task` at max_seq_length `length`: at most length - answer_tokens(task) tokens, BOS
     included (meta["tokens"], the true length; meta["units"], the haystack size that fits). corpus: the essay

@@ -10,12 +10,16 @@ and the model pins its main activations with `constrain` (`batch`,
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 from jax.sharding import PartitionSpec
 
 from cream_jax.errors import CreamError
+
+if TYPE_CHECKING:
+    from flax import nnx
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -41,7 +45,8 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def logical_to_spec(names: Sequence[str | None], rules=None, mesh_axes: Sequence[str] | None = None) -> PartitionSpec:
+def logical_to_spec(names: Sequence[str | None], rules: Mapping[str, str | tuple[str, ...] | None] | None = None,
+                    mesh_axes: Sequence[str] | None = None) -> PartitionSpec:
     """PartitionSpec for logical names; mesh axes absent from the mesh are dropped."""
     rules = RULES if rules is None else rules
     spec = []
@@ -64,7 +69,8 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, mesh_axes=mesh.axis_names))
 
 
-def param_specs(module, rules=None, mesh_axes: Sequence[str] | None = None):
+def param_specs(module: nnx.Module, rules: Mapping[str, str | tuple[str, ...] | None] | None = None,
+                mesh_axes: Sequence[str] | None = None) -> dict:
     """PartitionSpecs for an NNX module's parameters, as a pure dict shaped like `nnx.to_pure_dict`."""
     from flax import nnx
 
@@ -98,7 +104,7 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def make_mesh(sizes: dict[str, int], devices=None) -> jax.sharding.Mesh:
+def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
     """A (data, fsdp, tensor) mesh with Auto axes: the compiler propagates shardings between the
     annotated parameters, batches and `constrain`ed activations."""
     devices = jax.devices() if devices is None else devices
@@ -106,7 +112,7 @@ def make_mesh(sizes: dict[str, int], devices=None) -> jax.sharding.Mesh:
     return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 
-def check_divisible(shapes, specs, mesh: jax.sharding.Mesh, what: str = "parameter") -> None:
+def check_divisible(shapes: dict, specs: dict, mesh: jax.sharding.Mesh, what: str = "parameter") -> None:
     """Every sharded dimension must divide evenly by its mesh axes."""
     flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
     flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
@@ -119,7 +125,7 @@ def check_divisible(shapes, specs, mesh: jax.sharding.Mesh, what: str = "paramet
                                 f"mesh axes {axes} of size {n}; change the mesh (mesh.{axes[0]}) or the model.")
 
 
-def check_not_replicated(shapes, specs, mesh: jax.sharding.Mesh, min_size: int = 2**22) -> None:
+def check_not_replicated(shapes: dict, specs: dict, mesh: jax.sharding.Mesh, min_size: int = 2**22) -> None:
     """Fail loudly when a large parameter would sit whole on every device of a multi-device mesh."""
     if math.prod(mesh.shape[a] for a in ("fsdp", "tensor") if a in mesh.shape) == 1:
         return  # pure data parallelism replicates on purpose

@@ -57,7 +57,8 @@ def _local(q_BxSxHxK, k_BxSxNxK, v_BxSxNxK, segment_ids_BxS, block: int, interpr
     return out_BxNxGxSxK.transpose(0, 3, 1, 2, 4).reshape(B, S, H, K).astype(q_BxSxHxK.dtype)
 
 
-def splash_attention(q, k, v, segment_ids, *, block_size: int, interpret: bool = False):
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, block_size: int,
+                     interpret: bool = False) -> jax.Array:
     fn = functools.partial(_local, block=block_size, interpret=interpret)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:

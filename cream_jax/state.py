@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import jax
 import optax
 from flax import nnx
@@ -15,7 +17,8 @@ from cream_jax.config import LlamaConfig
 BATCH_SPEC = ("batch", "length")  # logical axes of a batch's [rows, tokens] arrays
 
 
-def state_specs(module_or_cfg, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):
+def state_specs(module_or_cfg: nnx.Module | LlamaConfig, tx: optax.GradientTransformation,
+                mesh: jax.sharding.Mesh) -> tuple[dict, dict]:
     """(abstract state, PartitionSpecs) for params and the optimizer state, from the rule table."""
     abstract = module_or_cfg if isinstance(module_or_cfg, nnx.Module) else model_lib.abstract(module_or_cfg)
     param_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -32,11 +35,12 @@ def state_specs(module_or_cfg, tx: optax.GradientTransformation, mesh: jax.shard
     return shapes, specs
 
 
-def named(mesh, specs):
+def named(mesh: jax.sharding.Mesh, specs: dict) -> dict:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
-def init_state(cfg: LlamaConfig, tx, mesh, seed: int, params: dict | None = None):
+def init_state(cfg: LlamaConfig, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, seed: int,
+               params: dict | None = None) -> tuple[dict, dict]:
     """The sharded train state: random parameters made directly in their shards, or given host params placed."""
     _, specs = state_specs(cfg, tx, mesh)
     shardings = named(mesh, specs)
@@ -49,16 +53,16 @@ def init_state(cfg: LlamaConfig, tx, mesh, seed: int, params: dict | None = None
     return {"params": params, "opt_state": opt_state}, shardings
 
 
-def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, sharding.logical_to_spec(BATCH_SPEC[:ndim], mesh_axes=mesh.axis_names))
 
 
-def batch_shardings(mesh, keys=("tokens", "weights")) -> dict[str, NamedSharding]:
+def batch_shardings(mesh: jax.sharding.Mesh, keys: Iterable[str] = ("tokens", "weights")) -> dict[str, NamedSharding]:
     """The batch's shardings: rows over the batch axes; doc_lengths is one number per row."""
     return {k: batch_sharding(mesh, 1 if k == "doc_lengths" else 2) for k in keys}
 
 
-def abstract_state(cfg: LlamaConfig, tx, mesh) -> tuple[dict, dict]:
+def abstract_state(cfg: LlamaConfig, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> tuple[dict, dict]:
     """The train state as shapes carrying their target shardings (for restoring into any mesh)."""
     shapes, specs = state_specs(cfg, tx, mesh)
     shardings = named(mesh, specs)

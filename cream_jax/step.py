@@ -9,7 +9,7 @@ update with AdamW. Gradient accumulation scans over microbatches and weighs them
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,8 @@ class StepConfig:
                    grad_accum=c.train.grad_accum, seed=c.seed)
 
 
-def loss_sums(cfg: LlamaConfig, params, tokens_BxS, weights_BxS, position_ids_BxS, segment_ids_BxS=None):
+def loss_sums(cfg: LlamaConfig, params: dict, tokens_BxS: jax.Array, weights_BxS: jax.Array,
+              position_ids_BxS: jax.Array, segment_ids_BxS: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(sum of weighted next-token cross-entropies, sum of weights) over gathered sequences.
 
     `weights_BxS` is each token's loss weight as a prediction target (0 on padding and, for chat data, on
@@ -71,7 +72,8 @@ def _split_micro(x, accum: int):
     return jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
 
 
-def make_train_step(step_cfg: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule):
+def make_train_step(step_cfg: StepConfig, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable[[dict, dict, jax.Array], tuple[dict, dict]]:
     cfg = step_cfg.model
 
     def train_step(state, batch, step):
@@ -110,7 +112,8 @@ def make_train_step(step_cfg: StepConfig, tx: optax.GradientTransformation, sche
     return train_step
 
 
-def jit_train_step(step_cfg: StepConfig, tx, schedule, shardings, mesh, batch_keys=("tokens", "weights")):
+def jit_train_step(step_cfg: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule, shardings: dict,
+                   mesh: jax.sharding.Mesh, batch_keys: Iterable[str] = ("tokens", "weights")) -> jax.stages.Wrapped:
     return jax.jit(make_train_step(step_cfg, tx, schedule),
                    in_shardings=(shardings, batch_shardings(mesh, batch_keys), NamedSharding(mesh, P())),
                    out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
@@ -128,7 +131,8 @@ class TrainStep:
     config: StepConfig
 
 
-def build(c: ml_collections.ConfigDict, cfg: LlamaConfig, mesh, batch_keys=None) -> TrainStep:
+def build(c: ml_collections.ConfigDict, cfg: LlamaConfig, mesh: jax.sharding.Mesh,
+          batch_keys: Iterable[str] | None = None) -> TrainStep:
     """config -> optimizer -> the state's shardings -> the jitted step on `mesh`: how training, the planner
     and the benchmarks all make their step (`batch_keys`: the batch's arrays, default the config's)."""
     tx, schedule = optim.make_optimizer(c.train)

@@ -30,11 +30,14 @@ import math
 import re
 import string
 import uuid
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from cream_jax.errors import CreamError
+
+if TYPE_CHECKING:
+    from cream_jax.data.tokenizer import Tokenizer
 
 TASKS = ("passkey", "lines", "kv")
 CHAT_TEMPLATES = ("llama2", "vicuna")
@@ -74,12 +77,12 @@ class TaskError(CreamError, ValueError):
     """A task that cannot be built as asked."""
 
 
-def encode(tok, text: str) -> list[int]:
+def encode(tok: Tokenizer, text: str) -> list[int]:
     """A prompt's ids: BOS, then exactly what the tokenizer gives for the whole text."""
     return [tok.bos_id] + tok.sp.Encode(text)
 
 
-def fit(tok, build: Callable[[int], str], length: int, lo: int = 0, hi: int | None = None,
+def fit(tok: Tokenizer, build: Callable[[int], str], length: int, lo: int = 0, hi: int | None = None,
         what: str = "prompt") -> tuple[int, list[int], str]:
     """The largest n >= lo whose text build(n) encodes to at most `length` tokens (BOS included), as
     (n, ids, text); the token count must not fall as n grows. Each probe encodes the whole text, so the prompt is
@@ -169,7 +172,7 @@ def passkey_text(n_prefix: int, n_suffix: int, key: int | str, style: str = "pos
     raise TaskError(f"unknown passkey style {style!r}; allowed: {', '.join(PASSKEY_STYLES)}")
 
 
-def passkey(tok, length: int, depth: float, rng: np.random.Generator, chat: str | None = None,
+def passkey(tok: Tokenizer, length: int, depth: float, rng: np.random.Generator, chat: str | None = None,
             key_range: tuple[int, int] = PASSKEY_KEYS, style: str = "pose") -> Example:
     """A passkey prompt of at most `length` tokens (BOS included): the most filler repetitions that fit, the
     pass-key line after round(depth * total) of them; the key uniform in `key_range` (inclusive; PoSE's by
@@ -247,7 +250,7 @@ def lines_text(records: list[tuple[str, int | str]], asked_index: int) -> str:
             f"{asked}? I need the number.")
 
 
-def lines(tok, num_lines: int, rng: np.random.Generator, index: int | None = None,
+def lines(tok: Tokenizer, num_lines: int, rng: np.random.Generator, index: int | None = None,
           chat: str | None = None) -> Example:
     """A Lines prompt of `num_lines` lines asking for line `index` (uniform by default)."""
     if num_lines < 1:
@@ -261,7 +264,7 @@ def lines(tok, num_lines: int, rng: np.random.Generator, index: int | None = Non
         "tokens": len(ids), "chat": chat})
 
 
-def lines_for_length(tok, length: int, chat: str | None = None) -> int:
+def lines_for_length(tok: Tokenizer, length: int, chat: str | None = None) -> int:
     """The most lines whose prompts fit `length` tokens: the count that fits with fixed-seed content, less
     3 standard deviations of the lines' token counts (so random content stays within length all but rarely)."""
     records = line_records(max(length // 8, 2), np.random.default_rng(0))  # more lines than can fit
@@ -307,7 +310,7 @@ def kv_pairs(keys: int, rng: np.random.Generator) -> list[tuple[str, str]]:
     return list(pairs.items())
 
 
-def kv(tok, keys: int, index: int, rng: np.random.Generator, chat: str | None = None,
+def kv(tok: Tokenizer, keys: int, index: int, rng: np.random.Generator, chat: str | None = None,
        query_aware: bool = False) -> Example:
     """Key-value retrieval over `keys` random pairs, asking for the pair at `index`."""
     if keys < 2:
@@ -319,7 +322,7 @@ def kv(tok, keys: int, index: int, rng: np.random.Generator, chat: str | None = 
                                                "query_aware": query_aware, "chat": chat})
 
 
-def kv_keys_for_length(tok, length: int, chat: str | None = None, query_aware: bool = False) -> int:
+def kv_keys_for_length(tok: Tokenizer, length: int, chat: str | None = None, query_aware: bool = False) -> int:
     """The most keys whose prompts fit `length` tokens: the count that fits with fixed-seed content, less
     3 standard deviations of the pairs' token counts (so random content stays within length all but rarely)."""
     pairs = kv_pairs(max(length // 32, 3), np.random.default_rng(0))  # more pairs than can fit
@@ -363,7 +366,7 @@ def first_integer(output: str) -> int | None:
     return int(found.group()) if found else None
 
 
-def score(task: str, output: str, answer) -> float:
+def score(task: str, output: str, answer: str) -> float:
     """1.0 or 0.0 as the reference scores the continuation: passkey (PoSE) and lines (CREAM) the first integer
     equals the answer; kv (lost-in-the-middle) the value occurs in it, case-insensitively."""
     if task in ("passkey", "lines"):

@@ -76,7 +76,8 @@ class CompiledMemory:
     code: int
 
 
-def compile_for_tpu(fn: Callable, *shapes: jax.ShapeDtypeStruct, topology: str = "v5p-8", num_devices: int = 1):
+def compile_for_tpu(fn: Callable, *shapes: jax.ShapeDtypeStruct, topology: str = "v5p-8",
+                    num_devices: int = 1) -> jax.stages.Compiled:
     """Compile `fn` for the first `num_devices` devices of `topology` with replicated abstract inputs."""
     devices = topology_devices(topology)[:num_devices]
     mesh = jax.sharding.Mesh(devices, ("x",))
@@ -85,7 +86,7 @@ def compile_for_tpu(fn: Callable, *shapes: jax.ShapeDtypeStruct, topology: str =
     return jax.jit(fn).trace(*args).lower().compile()
 
 
-def memory(compiled) -> CompiledMemory:
+def memory(compiled: jax.stages.Compiled) -> CompiledMemory:
     m = compiled.memory_analysis()
     return CompiledMemory(m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes,
                           m.generated_code_size_in_bytes)

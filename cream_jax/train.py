@@ -197,7 +197,7 @@ class _nullfile:
         pass
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from absl import app, flags
     from ml_collections import config_flags
 

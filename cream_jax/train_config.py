@@ -6,6 +6,9 @@ overrides any field (`--config.train.lr=1e-4`).
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import ml_collections
 
 from cream_jax import positions
@@ -185,7 +188,7 @@ def check_model_fits_mesh(cfg: LlamaConfig, c: ml_collections.ConfigDict, num_de
                               f"shard heads over a divisor of it.")
 
 
-def load_config(path, **kwargs) -> ml_collections.ConfigDict:
+def load_config(path: str | os.PathLike, **kwargs: Any) -> ml_collections.ConfigDict:
     """`get_config(**kwargs)` of a recipe file, loaded by path (as the CLI's --config does)."""
     import importlib.util
     from pathlib import Path

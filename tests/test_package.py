@@ -106,6 +106,32 @@ def test_a_test_cannot_reach_beyond_this_machine():
         client.connect(server.getsockname())  # loopback stays open (jax.distributed, local servers)
 
 
+def test_every_public_function_is_annotated():
+    """Every public function and method (a public class's `__call__` too) annotates its parameters but self/cls,
+    its *args/**kwargs and its return."""
+    missing = []
+    for p in sorted(PACKAGE.rglob("*.py")):
+        module = ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        if module.startswith(REMOTE_CODE):
+            continue
+        scopes = [(ast.parse(p.read_text()).body, False)]
+        while scopes:
+            body, in_class = scopes.pop()
+            for node in body:
+                if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                    scopes.append((node.body, True))
+                elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (
+                        not node.name.startswith("_") or (in_class and node.name == "__call__")):
+                    a = node.args
+                    params = a.posonlyargs + a.args
+                    if in_class and params and params[0].arg in ("self", "cls"):
+                        params = params[1:]
+                    params += a.kwonlyargs + [x for x in (a.vararg, a.kwarg) if x]
+                    if node.returns is None or any(x.annotation is None for x in params):
+                        missing.append(f"{module}:{node.lineno} {node.name}")
+    assert missing == []
+
+
 def test_the_compile_target_is_a_static_config_field():
     """`platform` is validated, resolved to the default backend when empty, left out of what checkpoints
     save, and changes the traced program (rotate_half as a matmul on TPU)."""

@@ -28,8 +28,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cream_jax.report import markdown_table, write_report
+
+if TYPE_CHECKING:
+    from cream_jax.data.cache import TokenCache
 
 
 def _time(fn, repeat: int) -> float:
@@ -57,7 +61,7 @@ def tokenization(docs: list[str], tokenizer_name: str) -> dict:
             "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
-def assembly(cache, label: str, row_len: int, rows: int, packing: str, offsets_window: int = 0,
+def assembly(cache: TokenCache, label: str, row_len: int, rows: int, packing: str, offsets_window: int = 0,
              repeat: int = 5) -> dict:
     from cream_jax.data import pipeline
 

@@ -15,12 +15,15 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from cream_jax import files
 from cream_jax.data.sources import DataError
+
+if TYPE_CHECKING:
+    from cream_jax.data.tokenizer import Tokenizer
 
 CACHE_VERSION = 1
 BATCH_DOCS = 256
@@ -62,7 +65,7 @@ def load(path: Path) -> TokenCache:
     return TokenCache(path, tokens, np.load(path / "starts.npy"), weights, meta)
 
 
-def build(documents: Sequence[str], tokenizer, root: str | Path, *, source_id: str, chat: bool = False,
+def build(documents: Sequence[str], tokenizer: Tokenizer, root: str | Path, *, source_id: str, chat: bool = False,
           host: int = 0, num_hosts: int = 1, progress: bool = True) -> TokenCache:
     """This host's share of `documents` (a random-access sequence of strings) tokenized, or the existing cache."""
     from tqdm.auto import tqdm

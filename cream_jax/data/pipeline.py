@@ -39,7 +39,7 @@ from cream_jax.data.cache import TokenCache
 from cream_jax.data.sources import DataError
 
 if TYPE_CHECKING:
-    from ml_collections import ConfigDict
+    import ml_collections
 
 PACKINGS = ("packed", "document")
 STATE_VERSION = 1
@@ -295,7 +295,7 @@ def batch_keys(source: str, offsets: bool) -> tuple[str, ...]:
     return ("tokens", "weights", "segment_ids") + (("doc_lengths",) if offsets else ())
 
 
-def check(d: ConfigDict, offsets: bool) -> None:
+def check(d: ml_collections.ConfigDict, offsets: bool) -> None:
     """The data config's checks (before anything is read or compiled); `offsets`: rows hold one document each."""
     for name, value, allowed in (("source", d.source, SOURCES), ("format", d.format, FORMATS),
                                  ("packing", d.packing, PACKINGS)):
@@ -312,8 +312,9 @@ def check(d: ConfigDict, offsets: bool) -> None:
         raise DataError("data.format='chat' needs a real source (data.source='files' with chat jsonl).")
 
 
-def from_config(c, model_vocab_size: int, *, row_len: int, rows: slice, window: int, offsets: bool,
-                host: int = 0, num_hosts: int = 1, state: dict | None = None, progress: bool = True) -> Data:
+def from_config(c: ml_collections.ConfigDict, model_vocab_size: int, *, row_len: int, rows: slice, window: int,
+                offsets: bool, host: int = 0, num_hosts: int = 1, state: dict | None = None,
+                progress: bool = True) -> Data:
     """The host's batches for a train config (`c.data`); every check on the data happens here, before training."""
     import hashlib
 

@@ -127,7 +127,7 @@ def build_tfds(paths: Sequence[Path], data_dir: str | os.PathLike, *, text_key: 
     return name, data_dir
 
 
-def open_tfds(name: str, data_dir: str | None, split: str = "train"):
+def open_tfds(name: str, data_dir: str | None, split: str = "train") -> Sequence[dict]:
     """A random-access TFDS source (len() and [i]) of a prepared array_record dataset."""
     import tensorflow_datasets as tfds
 
