@@ -44,7 +44,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -402,7 +402,7 @@ def _ratio_line(cream: Plan, baseline: Plan) -> str | None:
             f"alone: {flops_ratio:.2f}x).")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> NoReturn:
     from absl import app, flags
     from ml_collections import config_flags
 
@@ -474,8 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(f.json).write_text(json.dumps(rows, indent=2))
         return 0
 
-    app.run(lambda argv: sys.exit(_main(argv)), argv=argv)
-    return 0
+    app.run(lambda argv: sys.exit(_main(argv)), argv=argv)  # exits the process with _main's status
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -197,7 +197,7 @@ class _nullfile:
         pass
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> NoReturn:
     from absl import app, flags
     from ml_collections import config_flags
 
@@ -229,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
 
-    app.run(lambda argv: sys.exit(_main(argv)), argv=argv)
-    return 0
+    app.run(lambda argv: sys.exit(_main(argv)), argv=argv)  # exits the process with _main's status
 
 
 if __name__ == "__main__":
