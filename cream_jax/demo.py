@@ -178,7 +178,7 @@ def train_config(r: Recipe, tokenizer: Path, data: Path, *, method: str,
 def pretrain(r: Recipe, tok: Tokenizer, tok_path: Path, data: Path, out: Path) -> dict:
     """Pretrain at N and check passkey retrieval within N (on prompts the final evaluation does not use); below
     `pretrain_target`, one more cosine cycle from those weights. Returns the run info and its HF export."""
-    info = train(r, "pretrain", train_config(r, tok_path, data, method="pretrain"), out)
+    info = train("pretrain", train_config(r, tok_path, data, method="pretrain"), out)
     info.update(steps=r.pretrain_steps, passkey_within_window=_within_window(r, tok, info["run"]))
     export = out / "runs" / "pretrain_hf"
     if not export.exists():
@@ -188,7 +188,7 @@ def pretrain(r: Recipe, tok: Tokenizer, tok_path: Path, data: Path, out: Path) -
     log(f"pretrain: below {r.pretrain_target:.2f}; {r.anneal_steps} more steps from a fresh cosine schedule")
     c = train_config(r, tok_path, data, method="pretrain", init_from=str(export))
     c.train.update(steps=r.anneal_steps, lr=r.anneal_lr, warmup_steps=min(20, r.anneal_steps // 10))
-    more = train(r, "pretrain_anneal", c, out)
+    more = train("pretrain_anneal", c, out)
     more.update(steps=r.pretrain_steps + r.anneal_steps, passkey_within_window=_within_window(r, tok, more["run"]),
                 seconds=info["seconds"] + more["seconds"])
     if more["passkey_within_window"] < r.pretrain_target:
@@ -228,7 +228,7 @@ def extended_rope(r: Recipe) -> dict:
     return rope
 
 
-def train(r: Recipe, name: str, c: ml_collections.ConfigDict, out: Path) -> dict:
+def train(name: str, c: ml_collections.ConfigDict, out: Path) -> dict:
     from cream_jax import train as train_lib
 
     workdir = out / "runs" / name
@@ -357,7 +357,7 @@ def run(r: Recipe, out: Path, methods: Sequence[str] = METHODS) -> dict:
 
     runs = {"pretrain": pretrain(r, tok, tok_path, data, out)}
     for m in methods:
-        runs[m] = train(r, m, train_config(r, tok_path, data, method=m, init_from=runs["pretrain"]["hf"]), out)
+        runs[m] = train(m, train_config(r, tok_path, data, method=m, init_from=runs["pretrain"]["hf"]), out)
     timings["train"] = sum(v["seconds"] for v in runs.values())
 
     t0 = time.perf_counter()
