@@ -4,6 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export JAX_PLATFORMS ?= cpu
+# Python caches each module's bytecode (__pycache__) on first import, so that the many processes of a run or
+# of the tests do not compile the same sources again: a few seconds of every `python -m cream_jax...` start.
+# pip installs with --no-compile (byte-compiling all of torch, jax and transformers takes minutes); what is
+# imported is compiled once, when first imported.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: demo test test-fast lint setup clean
 
