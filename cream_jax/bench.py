@@ -553,6 +553,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.worker:
         print(RESULT_PREFIX + json.dumps(WORKERS[a.worker](json.loads(a.spec))), flush=True)
         return 0
+    from cream_jax.errors import CreamError
+    from cream_jax.files import output_dir
+
+    try:
+        output_dir(a.out)  # before the measurements, not after them
+    except CreamError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     sizes = QUICK if a.quick else FULL
     start = time.perf_counter()
     results = {"meta": {**_meta(sizes, a.quick), "notes": a.notes}, **bench_train(sizes),

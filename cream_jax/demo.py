@@ -468,8 +468,10 @@ def main(argv: list[str] | None = None) -> int:
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax logs every restore at WARNING/INFO
     from cream_jax.errors import CreamError
+    from cream_jax.files import output_dir
 
     try:
+        output_dir(a.out)  # writable, before hours of training
         if a.seeds:
             seeds_benchmark(r, [int(x) for x in a.seeds.split(",")], Path(a.out), Path(a.doc) if a.doc else None)
         else:

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cream_jax import generate, tasks
+from cream_jax import files, generate, tasks
 from cream_jax.config import LlamaConfig
 from cream_jax.errors import CreamError
 from cream_jax.report import markdown_table
@@ -365,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/eval")
     a = p.parse_args(argv)
     try:  # every input is checked before the model loads
+        out = files.output_dir(a.out)
         lengths, keys, lines = _ints(a.lengths, "--lengths"), _ints(a.keys, "--keys"), _ints(a.lines, "--lines")
         chat = None if a.chat == "none" else a.chat
         tasks.chat_wrap("", chat)
@@ -400,7 +401,6 @@ def main(argv: list[str] | None = None) -> int:
     except (CreamError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     md = table(a.task, summary)
     (out / f"{a.task}.json").write_text(json.dumps({"model": label, "task": a.task, "chat": a.chat,

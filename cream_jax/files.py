@@ -1,12 +1,35 @@
-"""Directories built whole or not at all: build in a private temporary directory, then rename into place."""
+"""Output directories: checked before any work, and built whole or not at all (a private temporary
+directory, then a rename into place)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from cream_jax.errors import CreamError
+
+
+class OutputError(CreamError):
+    """An output folder that cannot be made or written."""
+
+
+def output_dir(path: str | Path, flag: str = "--out") -> Path:
+    """`path`, checked before any expensive work: a folder that exists or can be made there, and writable.
+    Nothing is created; an OutputError names `flag`."""
+    path = Path(path)
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    if problem:
+        raise OutputError(f"{flag}={path}: cannot write there ({problem}); choose another folder.")
+    return path
 
 
 @contextlib.contextmanager

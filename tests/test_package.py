@@ -147,10 +147,18 @@ ARGPARSE_MISTAKES = [
     ("cream_jax.evaluate", ["--hf=no_model_here", "--task=kv"], "--task=kv needs --keys or --lengths"),
     ("cream_jax.convert", ["orbax-to-hf", "--ckpt=no_such_dir", "--out=unused"], "'no_such_dir' is none of"),
     ("cream_jax.data.tokenizer", ["encode", "--model=no_such_tokenizer", "hi"], "no_such_tokenizer"),
+    ("cream_jax.data.bench", ["--quick", "--corpus=no_such_corpus"], "--corpus=no_such_corpus is not a corpus"),
+    # an output folder that cannot be, caught before the work: a file stands where a folder would go
+    ("cream_jax.bench", ["--quick", f"--out={ROOT / 'README.md' / 'bench'}"], "README.md is not a folder"),
+    ("cream_jax.data.bench", ["--quick", f"--out={ROOT / 'README.md' / 'd'}"], "README.md is not a folder"),
+    ("cream_jax.evaluate", ["--hf=no_model_here", "--task=passkey", "--lengths=100", f"--out={ROOT / 'README.md'}"],
+     "README.md is not a folder"),
+    ("cream_jax.demo", ["--quick", f"--out={ROOT / 'README.md' / 'demo'}"], "README.md is not a folder"),
 ]
 
 
-@pytest.mark.parametrize("module, argv, message", ARGPARSE_MISTAKES, ids=[m for m, *_ in ARGPARSE_MISTAKES])
+@pytest.mark.parametrize("module, argv, message", ARGPARSE_MISTAKES,
+                         ids=[f"{m}-{i}" for i, (m, *_) in enumerate(ARGPARSE_MISTAKES)])
 def test_a_mistake_exits_2_with_one_error_line(module, argv, message, capsys):
     assert importlib.import_module(module).main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -135,8 +135,18 @@ def main(argv: list[str] | None = None) -> int:
     from cream_jax.data import cache as cache_lib
     from cream_jax.data import corpora
     from cream_jax.data import tokenizer as tok_lib
+    from cream_jax.errors import CreamError
+    from cream_jax.files import output_dir
 
-    docs = [json.loads(x)["text"] for x in corpora.fetch(a.corpus).read_text().splitlines()]
+    try:  # the inputs, before any measurement
+        output_dir(a.out)
+        known = [n for n, x in corpora.ASSETS.items() if x.kind == "corpus"]
+        if a.corpus not in known:
+            raise corpora.FetchError(f"--corpus={a.corpus} is not a corpus; use one of {', '.join(known)}")
+        docs = [json.loads(x)["text"] for x in corpora.fetch(a.corpus).read_text().splitlines()]
+    except CreamError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     tokenizers = ["botchan-bpe-1000"] if a.quick else ["llama2-32k", "botchan-bpe-1000"]
     repeat = 3 if a.quick else 5
     result = {"meta": {"corpus": a.corpus, "cpus": os.cpu_count(), "repeat": repeat,
