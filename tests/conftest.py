@@ -63,13 +63,12 @@ def torch_and_transformers():
 
 
 # `make test` runs two pytest-xdist workers that take whole files (--dist loadfile) in collection order
-# (--no-loadscope-reorder). Longest first, so that no long file is left to run alone at the end; the rest
-# keep their default order. Worker seconds on 2 cores (Intel Xeon): plan 319, train 181, checkpoint 174,
-# attention 150, data 126, bench 123, launch 116, demo 94, model 86, evaluate 69, generate 44; each other
-# file under 30.
-LONGEST_FIRST = ["test_plan.py", "test_train.py", "test_checkpoint.py", "test_attention.py", "test_data.py",
-                 "test_bench.py", "test_launch.py", "test_demo.py", "test_model.py", "test_evaluate.py",
-                 "test_generate.py"]
+# (--no-loadscope-reorder). Longest first (worker seconds on 2 cores; `make test` with
+# PYTEST_ADDOPTS=--durations=0 prints them), so that no long file is left to run alone at the end; the rest
+# keep their default order.
+LONGEST_FIRST = ["test_plan.py", "test_checkpoint.py", "test_attention.py", "test_bench.py", "test_train.py",
+                 "test_data.py", "test_demo.py", "test_launch.py", "test_evaluate.py", "test_model.py",
+                 "test_convert.py", "test_generate.py"]
 
 
 def pytest_collection_modifyitems(items):
