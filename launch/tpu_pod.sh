@@ -8,8 +8,10 @@
 #   create   create the TPU VM (or a queued resource with --queued)
 #   setup    on every worker: clone/update the repository, install it, mount the bucket (gcsfuse)
 #   train    on every worker: python -m cream_jax.train ... --distributed (one process per host)
-#   run      create + setup + train, and after a preemption: recreate, set up and train again (the run
-#            resumes from its own checkpoints), up to --retries times; then delete
+#   run      create + setup + train, and after a preemption or a failure: recreate if the VM is gone, set
+#            up and train again (the run resumes from its own checkpoints), up to --retries times; then
+#            delete. Exit code 2 from train (a config or data error: a relaunch would repeat it) stops
+#            at once, keeping the TPU for the corrected `train` unless --delete_on_error
 #   logs     tail the train log of worker 0
 #   delete   delete the TPU VM (or queued resource)
 #
@@ -25,7 +27,8 @@
 #   --bucket BUCKET      a GCS bucket, mounted at /gcs/BUCKET on every worker (for checkpoints and data)
 #   --config FILE        train recipe (default configs/llama2_7b_cream_32k.py)
 #   --workdir DIR        run directory on every worker; must be shared, e.g. /gcs/BUCKET/runs/NAME
-#   --retries N          relaunches after preemption for `run` (default 5)
+#   --retries N          relaunches after preemption or failure for `run` (default 5)
+#   --delete_on_error    `run`: delete the TPU when train stops with a config or data error (exit 2)
 #   --dry_run            print every gcloud command instead of running it
 #
 # Example
@@ -47,6 +50,7 @@ BUCKET=""
 CONFIG="configs/llama2_7b_cream_32k.py"
 WORKDIR=""
 RETRIES=5
+DELETE_ON_ERROR=0
 EXTRA=()
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
@@ -71,6 +75,7 @@ while [[ $# -gt 0 ]]; do
     --config) CONFIG="$2"; shift ;;
     --workdir) WORKDIR="$2"; shift ;;
     --retries) RETRIES="$2"; shift ;;
+    --delete_on_error) DELETE_ON_ERROR=1 ;;
     --) shift; EXTRA=("$@"); break ;;
     *) die "unknown option '$1' (see --help)" ;;
   esac
@@ -165,12 +170,30 @@ case "$COMMAND" in
     create
     setup
     attempt=0
-    until train && finished; do
-      attempt=$((attempt + 1))
+    while true; do
+      rc=0
+      train || rc=$?
+      if [[ "$rc" == 0 ]] && finished; then break; fi
       if [[ "$DRY_RUN" == 1 ]]; then break; fi
+      if [[ "$rc" == 2 ]]; then
+        echo "tpu_pod.sh: train exited 2: a config or data error (its message is above), which a relaunch" \
+          "would repeat; not retried" >&2
+        if [[ "$DELETE_ON_ERROR" == 1 ]]; then
+          delete
+        else
+          echo "tpu_pod.sh: the TPU $NAME is kept: fix the flags and run \`tpu_pod.sh train\` with them, or" \
+            "\`tpu_pod.sh delete\`" >&2
+        fi
+        exit 2
+      fi
+      attempt=$((attempt + 1))
+      if [[ "$attempt" -gt "$RETRIES" ]]; then
+        echo "tpu_pod.sh: giving up after $RETRIES relaunches (train exited $rc); the TPU is kept for" \
+          "inspection" >&2
+        exit 1
+      fi
       current="$(state)"
-      echo "tpu_pod.sh: train exited non-zero; TPU state: $current (relaunch $attempt of $RETRIES)" >&2
-      [[ "$attempt" -le "$RETRIES" ]] || die "giving up after $RETRIES relaunches; the TPU is kept for inspection"
+      echo "tpu_pod.sh: train exited $rc; TPU state: $current (relaunch $attempt of $RETRIES)" >&2
       if [[ "$current" == PREEMPTED || "$current" == GONE || "$current" == TERMINATED ]]; then
         delete || true
         create

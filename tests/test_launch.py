@@ -142,6 +142,57 @@ def test_tpu_pod_dry_run_prints_the_gcloud_commands():
     assert bad.returncode == 2 and "--zone is required" in bad.stderr
 
 
+# A stand-in for gcloud: logs each call, answers `describe` with $STUB_STATE, exits with the next of
+# $STUB_TRAIN_CODES for each train launch, and says the run is done at the status check after the
+# launch numbered $STUB_DONE_AFTER.
+STUB_GCLOUD = r"""#!/usr/bin/env bash
+echo "$*" >> "$STUB_LOG"
+case "$*" in
+  *cream_jax.train*)
+    n=$(grep -c cream_jax.train "$STUB_LOG")
+    codes=($STUB_TRAIN_CODES)
+    exit "${codes[$((n - 1))]:-0}" ;;
+  *status.json*) [[ $(grep -c cream_jax.train "$STUB_LOG") -ge ${STUB_DONE_AFTER:-1} ]] ;;
+  *describe*) echo "${STUB_STATE:-READY}" ;;
+esac
+"""
+
+
+def _tpu_pod_run(tmp_path, codes, *flags, done_after=1, state="READY"):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "gcloud").write_text(STUB_GCLOUD)
+    (bin_dir / "gcloud").chmod(0o755)
+    log = tmp_path / "gcloud.log"
+    log.unlink(missing_ok=True)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "STUB_LOG": str(log), "STUB_TRAIN_CODES": " ".join(map(str, codes)),
+           "STUB_DONE_AFTER": str(done_after), "STUB_STATE": state}
+    run = subprocess.run([str(ROOT / "launch" / "tpu_pod.sh"), "run", "--name", "c8", "--zone", "z", "--workdir",
+                          "/gcs/b/runs/c8", "--retries", "2", *flags], capture_output=True, text=True, env=env,
+                         timeout=60)
+    calls = log.read_text().splitlines()
+    return run, sum("cream_jax.train" in c for c in calls), [c for c in calls if c.startswith("compute tpus tpu-vm delete")]
+
+
+def test_tpu_pod_run_stops_at_a_config_error_and_retries_the_rest(tmp_path):
+    """Exit 2 from train (a config or data error) is never relaunched: the TPU is kept, or deleted with
+    --delete_on_error; exit 1 and a preempted run (exit 0, status not done) are relaunched."""
+    run, launches, deletes = _tpu_pod_run(tmp_path, [2])
+    assert run.returncode == 2 and launches == 1 and deletes == [], run.stderr
+    assert "a config or data error" in run.stderr and "not retried" in run.stderr and "is kept" in run.stderr
+    run, launches, deletes = _tpu_pod_run(tmp_path, [2], "--delete_on_error")
+    assert run.returncode == 2 and launches == 1 and len(deletes) == 1, run.stderr
+
+    run, launches, deletes = _tpu_pod_run(tmp_path, [1, 1, 0], done_after=3)  # a crash twice, then done
+    assert run.returncode == 0 and launches == 3 and len(deletes) == 1, run.stderr
+    assert "relaunch 2 of 2" in run.stderr and "relaunch 3" not in run.stderr
+    run, launches, deletes = _tpu_pod_run(tmp_path, [0, 0], done_after=2, state="PREEMPTED")  # saved, VM gone
+    assert run.returncode == 0 and launches == 2 and len(deletes) == 2, run.stderr  # the dead VM, then the end
+    run, launches, deletes = _tpu_pod_run(tmp_path, [1, 1, 1], done_after=9)
+    assert run.returncode == 1 and launches == 3 and deletes == [], run.stderr  # 2 relaunches, then kept
+    assert "giving up after 2 relaunches (train exited 1)" in run.stderr
+
+
 @pytest.mark.slow
 def test_local_sh_trains_resumes_and_exports(tmp_path):
     workdir = tmp_path / "run"
