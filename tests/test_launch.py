@@ -171,7 +171,8 @@ def _tpu_pod_run(tmp_path, codes, *flags, done_after=1, state="READY"):
                           "/gcs/b/runs/c8", "--retries", "2", *flags], capture_output=True, text=True, env=env,
                          timeout=60)
     calls = log.read_text().splitlines()
-    return run, sum("cream_jax.train" in c for c in calls), [c for c in calls if c.startswith("compute tpus tpu-vm delete")]
+    deletes = [c for c in calls if c.startswith("compute tpus tpu-vm delete")]
+    return run, sum("cream_jax.train" in c for c in calls), deletes
 
 
 def test_tpu_pod_run_stops_at_a_config_error_and_retries_the_rest(tmp_path):
