@@ -543,16 +543,21 @@ def _meta(sizes: Sizes, quick: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:  # run_worker's own call (plain argparse: the package stays unimported)
+        w = argparse.ArgumentParser()
+        w.add_argument("--worker", choices=sorted(WORKERS))
+        w.add_argument("--spec")
+        a = w.parse_args(argv)
+        print(RESULT_PREFIX + json.dumps(WORKERS[a.worker](json.loads(a.spec))), flush=True)
+        return 0
+    from cream_jax import cli
+
+    p = cli.ArgumentParser("cream_jax.bench", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="docs")
     p.add_argument("--quick", action="store_true", help="shrink every size (a smoke run)")
     p.add_argument("--notes", default="", help="a line added to bench.md")
-    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
-    p.add_argument("--spec", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.worker:
-        print(RESULT_PREFIX + json.dumps(WORKERS[a.worker](json.loads(a.spec))), flush=True)
-        return 0
     from cream_jax.errors import CreamError
     from cream_jax.files import output_dir
 

@@ -12,12 +12,11 @@ Both stream tensor by tensor: the model is held once, plus one tensor.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cream_jax import checkpoint, hf, load
+from cream_jax import checkpoint, cli, hf, load
 from cream_jax.errors import CreamError
 
 if TYPE_CHECKING:
@@ -45,8 +44,7 @@ def _parse_size(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cream_jax.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser("cream_jax.convert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("hf-to-orbax", help="a transformers Llama directory -> a params checkpoint")
     a.add_argument("--hf", required=True, help="directory with config.json and safetensors")

@@ -18,7 +18,6 @@ hf/ (the export), runs/ (train runs with metrics.jsonl), data/ (tokenizer and js
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from cream_jax import cli
 
 if TYPE_CHECKING:
     import ml_collections
@@ -449,8 +450,7 @@ def seeds_benchmark(r: Recipe, seeds: list[int], out: Path, doc: Path | None) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cream_jax.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser("cream_jax.demo", description=__doc__)
     p.add_argument("--out", default="results/demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke test)")

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cream_jax import files, generate, tasks
+from cream_jax import cli, files, generate, tasks
 from cream_jax.config import LlamaConfig
 from cream_jax.errors import CreamError
 from cream_jax.report import markdown_table
@@ -334,8 +334,7 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cream_jax.evaluate", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = cli.ArgumentParser("cream_jax.evaluate", description=__doc__.split("\n")[0],
                                 epilog="docs/evaluation.md: each task's reference, prompt and metric.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="a train run directory (its newest or --step checkpoint)")

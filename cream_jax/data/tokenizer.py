@@ -11,7 +11,6 @@ the loss weights are 1 exactly on the answer tokens and their EOS.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import sys
@@ -20,6 +19,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from cream_jax import cli
 from cream_jax.errors import CreamError
 
 
@@ -144,7 +144,7 @@ def train(paths: list[str | os.PathLike], vocab_size: int, out_dir: str | os.Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser("cream_jax.data.tokenizer", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a small Llama-style SentencePiece model")
     t.add_argument("--input", required=True, help="comma-separated .txt/.jsonl files, or a corpus name from corpora")
