@@ -51,19 +51,22 @@ SHAPE_MULTIPLE = 64  # prompts and caches are padded to multiples of this: promp
 
 def load(args: argparse.Namespace) -> tuple:
     """(config, params, tokenizer, label) from --ckpt (a train run or params checkpoint) or --hf (a Hugging
-    Face directory)."""
+    Face directory). The tokenizer is resolved and checked against the model's config before any weight is
+    read."""
     from flax import nnx
 
     from cream_jax import load as load_lib
     from cream_jax.data import tokenizer as tok_lib
 
     source = args.ckpt or args.hf
-    module, label = load_lib.load_model(source, args.step if args.ckpt else None, progress=False)
+    step = args.step if args.ckpt else None
+    config, kind = load_lib.read_config(source, step)
     spec = args.tokenizer
     if not spec:
-        spec = load_lib.run_tokenizer(source) if load_lib.source_kind(source) == "run" else source
+        spec = load_lib.run_tokenizer(source) if kind == "run" else source
     tok = tok_lib.resolve(spec)
-    tok_lib.check_vocab(tok, module.config.vocab_size)
+    tok_lib.check_vocab(tok, config.vocab_size)
+    module, label = load_lib.load_model(source, step, progress=False)
     return module.config, nnx.to_pure_dict(nnx.state(module, nnx.Param)), tok, label
 
 
@@ -326,6 +329,16 @@ def plot(task: str, summary: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _depths(text: str) -> list[float]:
+    try:
+        depths = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        depths = []
+    if not depths or not all(0.0 <= d <= 1.0 for d in depths):
+        raise tasks.TaskError(f"--depths={text!r} must be comma-separated numbers in [0, 1], e.g. --depths=0,0.5,1")
+    return depths
+
+
 def _ints(text: str, flag: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -366,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     try:  # every input is checked before the model loads
         out = files.output_dir(a.out)
         lengths, keys, lines = _ints(a.lengths, "--lengths"), _ints(a.keys, "--keys"), _ints(a.lines, "--lines")
+        depths = _depths(a.depths)
+        if a.step is not None and not a.ckpt:
+            raise tasks.TaskError(f"--step={a.step} picks a checkpoint of --ckpt (a train run); --hf has one model")
         chat = None if a.chat == "none" else a.chat
         tasks.chat_wrap("", chat)
         counts = {"kv": keys, "lines": lines}.get(a.task, [])
@@ -392,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = summary = perplexity(cfg, params, tok, docs, lengths, mode=a.ppl_mode, count=count,
                                         chunk=a.chunk)
         else:
-            examples = make_examples(a.task, tok, lengths=lengths, depths=[float(x) for x in a.depths.split(",")],
+            examples = make_examples(a.task, tok, lengths=lengths, depths=depths,
                                      keys=keys, lines=lines, subtasks=subtasks, samples=a.samples, seed=a.seed,
                                      corpus=a.corpus, chat=chat)
             rows = run_generation(cfg, params, tok, examples, a.batch, a.chunk)

@@ -1,9 +1,12 @@
-"""Shared test helpers: tiny random transformers Llamas saved to disk, the environment for CLI subprocesses."""
+"""Shared test helpers: tiny random transformers Llamas saved to disk, the environment for CLI subprocesses,
+and a record of the expensive work (weights loaded, compiles) a command did."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +90,68 @@ def assert_bit_identical(a: dict, b: dict) -> None:
     for k in a:
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
         assert np.array_equal(a[k].view(np.uint8), b[k].view(np.uint8)), k
+
+
+# ----------------------------------------------------------------------------- expensive work, recorded
+
+WORK_MARK = "EXPENSIVE WORK: "  # how a subprocess started by `watched_command` reports it on stderr
+_recording: list[list[str]] = []
+
+
+def _install_work_recorders() -> None:
+    """Once per process: model weights read from any source, and every XLA compile, append to the list that
+    `recording_work` holds open (nothing is recorded outside it; the wrapped functions still run)."""
+    if getattr(_install_work_recorders, "done", False):
+        return
+    import jax
+
+    from cream_jax import checkpoint, hf
+
+    def wrap(module, name):
+        original = getattr(module, name)
+
+        def recorded(*args, **kwargs):
+            for work in _recording:
+                work.append(f"{module.__name__}.{name}({args[0] if args else ''})")
+            return original(*args, **kwargs)
+
+        setattr(module, name, recorded)
+
+    for module, name in ((hf, "load_hf"), (checkpoint, "load_params"), (checkpoint, "load_train_params")):
+        wrap(module, name)
+
+    def on_event(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            for work in _recording:
+                work.append(f"an XLA compile ({duration:.2f} s)")
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    _install_work_recorders.done = True
+
+
+def start_recording() -> list[str]:
+    """A list that the expensive work done in this process from now on (weights loaded, XLA compiles) fills."""
+    _install_work_recorders()
+    work: list[str] = []
+    _recording.append(work)
+    return work
+
+
+@contextlib.contextmanager
+def recording_work():
+    """Yields a list of the expensive work done in this process meanwhile."""
+    work = start_recording()
+    try:
+        yield work
+    finally:
+        _recording.remove(work)
+
+
+def watched_command(module: str, argv: list[str]) -> list[str]:
+    """`python -m module argv` that records its expensive work and prints each item after WORK_MARK on stderr
+    when it exits."""
+    code = (f"import atexit, runpy, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import helpers; "
+            "work = helpers.start_recording(); "
+            "atexit.register(lambda: [print(helpers.WORK_MARK + w, file=sys.stderr) for w in work]); "
+            f"sys.argv = [{module!r}, *sys.argv[1:]]; runpy.run_module({module!r}, run_name='__main__')")
+    return [sys.executable, "-c", code, *argv]
