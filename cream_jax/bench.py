@@ -552,7 +552,9 @@ def main(argv: list[str] | None = None) -> int:
         print(RESULT_PREFIX + json.dumps(WORKERS[a.worker](json.loads(a.spec))), flush=True)
         return 0
     from cream_jax import cli
+    from cream_jax.platform import use_local_backends
 
+    use_local_backends()  # before jax starts its backends
     p = cli.ArgumentParser("cream_jax.bench", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="docs")
     p.add_argument("--quick", action="store_true", help="shrink every size (a smoke run)")

@@ -194,12 +194,16 @@ def load_train_params(run_dir: str | os.PathLike, step: int | None = None) -> tu
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    # create=False and never a save, rather than read_only=True: Orbax warns about read-only managers
     manager = ocp.CheckpointManager(Path(run_dir).absolute() / CHECKPOINTS_DIR, item_names=ITEMS,
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
+                                    options=ocp.CheckpointManagerOptions(create=False))
     try:
         params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"step {step} of {run_dir} cannot be restored: {e}") from e
+    except Exception as e:  # noqa: BLE001 - TensorStore's message is a page of its spec: one line of it
+        earlier = [s for s in manager.all_steps() if s < step]
+        hint = f"; pass the previous step, --step={max(earlier)}" if earlier else ""
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"step {step} of {run_dir} cannot be restored ({type(e).__name__}: {first}){hint}") from e
     finally:
         manager.close()
     nnx.replace_by_pure_dict(state, params)

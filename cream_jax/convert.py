@@ -44,6 +44,9 @@ def _parse_size(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cream_jax.platform import use_local_backends
+
+    use_local_backends()  # before jax starts its backends
     parser = cli.ArgumentParser("cream_jax.convert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("hf-to-orbax", help="a transformers Llama directory -> a params checkpoint")

@@ -450,6 +450,9 @@ def seeds_benchmark(r: Recipe, seeds: list[int], out: Path, doc: Path | None) ->
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cream_jax.platform import use_local_backends
+
+    use_local_backends()  # before jax starts its backends
     p = cli.ArgumentParser("cream_jax.demo", description=__doc__)
     p.add_argument("--out", default="results/demo")
     p.add_argument("--seed", type=int, default=0)

@@ -347,6 +347,9 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cream_jax.platform import use_local_backends
+
+    use_local_backends()  # before jax starts its backends
     p = cli.ArgumentParser("cream_jax.evaluate", description=__doc__.split("\n")[0],
                                 epilog="docs/evaluation.md: each task's reference, prompt and metric.")
     src = p.add_mutually_exclusive_group(required=True)

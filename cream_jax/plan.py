@@ -403,6 +403,9 @@ def _ratio_line(cream: Plan, baseline: Plan) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
+    from cream_jax.platform import use_local_backends
+
+    use_local_backends()  # before jax starts its backends
     from absl import app, flags
     from ml_collections import config_flags
 

@@ -198,6 +198,9 @@ class _nullfile:
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
+    from cream_jax.platform import use_local_backends
+
+    use_local_backends()  # before jax starts its backends
     from absl import app, flags
     from ml_collections import config_flags
 

@@ -5,12 +5,16 @@ import ast
 import importlib
 import inspect
 import pkgutil
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import cream_jax
 from cream_jax import CreamError, LlamaConfig, platform
+from helpers import ROOT, cli_env
 
 PACKAGE = Path(cream_jax.__file__).parent
 # Shipped beside HF exports as transformers remote code (it imports transformers, not cream_jax).
@@ -138,3 +142,27 @@ def test_the_compile_target_is_a_static_config_field():
     cfg = LlamaConfig(platform="tpu")
     assert "platform" not in cfg.to_dict() and LlamaConfig(**cfg.to_dict()).platform == ""
     assert cfg != cfg.replace(platform="")  # part of the config jit closes over, so of its cache key
+
+
+NOISE = re.compile(r"libtpu|TPU|InitGoogle|^[EWI]\d{4} |WARNING|absl|Traceback|Source Location")
+
+
+@pytest.mark.slow
+def test_off_a_tpu_the_clis_print_no_backend_or_library_warnings(tmp_path):
+    """With JAX_PLATFORMS unset on this TPU-less machine (libtpu installed for the planner), train, convert
+    and evaluate print their own lines only: no libtpu start-up noise, no Orbax/absl warnings."""
+    env = {k: v for k, v in cli_env(devices=1).items() if k != "JAX_PLATFORMS"}
+    run_dir = tmp_path / "run"
+    commands = [
+        ["cream_jax.train", "--config=configs/tiny_cream.py", f"--workdir={run_dir}", "--config.train.steps=2",
+         "--config.train.warmup_steps=1", "--config.checkpoint.every=2"],
+        ["cream_jax.convert", "orbax-to-hf", f"--ckpt={run_dir}", f"--out={tmp_path / 'hf'}"],
+        ["cream_jax.evaluate", f"--ckpt={run_dir}", "--task=passkey", "--lengths=128", "--samples=1", "--depths=0.5",
+         f"--out={tmp_path / 'eval'}"],
+    ]
+    for command in commands:
+        run = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        lines = [x for x in re.split(r"[\r\n]", run.stdout + run.stderr) if x.strip()]
+        assert [x for x in lines if NOISE.search(x)] == [], command[0]
