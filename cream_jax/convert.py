@@ -12,7 +12,10 @@ Both stream tensor by tensor: the model is held once, plus one tensor.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,15 +26,58 @@ if TYPE_CHECKING:
     from cream_jax.model import Llama
 
 
+class ExportError(CreamError):
+    """An export that would overwrite a directory or ship a tokenizer that does not fit the model."""
+
+
+def source_tokenizer(source: str | Path) -> str:
+    """The tokenizer that goes with a model source: a train run's own (its data.tokenizer, else the one of the
+    model it started from), the tokenizer.model beside a params checkpoint or HF directory; "" if none."""
+    if load.source_kind(source) == "run":
+        return load.run_tokenizer(source)
+    return str(source) if (Path(source) / "tokenizer.model").is_file() else ""
+
+
 def export_hf(source: str | Path, out: str | Path, *, step: int | None = None, tokenizer: str | None = None,
-              dtype: str | None = None, max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES,
+              dtype: str | None = None, max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
               progress: bool = True) -> tuple[Llama, str, Path]:
     """A model from any source (`load.load_model`: a train run's newest or `step` checkpoint, a params
-    checkpoint, an HF directory) written as a Hugging Face directory. Returns (module, label, out)."""
+    checkpoint, an HF directory) written as a Hugging Face directory that transformers loads as it is, its
+    tokenizer included: `tokenizer` (a tokenizer.model, a directory holding one, or a registry name), by
+    default the source's own (`source_tokenizer`); "" ships none. The directory is built beside `out` and
+    renamed into place, so a failure leaves `out` as it was; a non-empty `out` is refused unless
+    `overwrite`. Returns (module, label, out)."""
+    from cream_jax.data import tokenizer as tok_lib
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ExportError(f"--out={out} exists and is not empty; choose a new folder or pass --overwrite.")
+    config, _ = load.read_config(source, step)
+    spec = source_tokenizer(source) if tokenizer is None else tokenizer
+    tok = tok_lib.resolve(spec) if spec else None
+    if tok is not None:
+        tok_lib.check_vocab(tok, config.vocab_size)
     module, label = load.load_model(source, step, progress=progress)
-    written = hf.save_hf(module, out, tokenizer=tokenizer, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                         progress=progress)
-    return module, label, written
+    out.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        hf.save_hf(module, build, tokenizer=tok.path if tok else None, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                   progress=progress)
+        umask = os.umask(0)
+        os.umask(umask)
+        build.chmod(0o777 & ~umask)  # as a folder made with mkdir would be (mkdtemp makes it private)
+        for f in build.iterdir():
+            f.chmod(0o666 & ~umask)
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+            out.rename(old / out.name)
+        build.rename(out)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return module, label, out
 
 
 def _parse_size(text: str) -> int:
@@ -58,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--ckpt", required=True, help="a params checkpoint (from hf-to-orbax) or a train run directory")
     b.add_argument("--step", type=int, default=None, help="train run: the step to export (default: the newest)")
     b.add_argument("--out", required=True, help="output directory")
-    b.add_argument("--tokenizer", help="SentencePiece tokenizer.model to ship beside the weights")
+    b.add_argument("--tokenizer", default=None,
+                   help="the tokenizer to ship: a tokenizer.model, a directory holding one, or a registry name "
+                        "(llama2-32k, botchan-bpe-1000); '' for none (default: the run's own)")
+    b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     b.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="tensor dtype in the export (default: the parameters' dtype)")
     b.add_argument("--max_shard_size", default="5GB", help="shard the safetensors above this size (e.g. 2GB)")
@@ -75,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{args.ckpt} has no {checkpoint.CONFIG_FILE}: it is a Hugging Face directory already; "
                     f"orbax-to-hf exports a params checkpoint or a train run.")
             module, label, out = export_hf(args.ckpt, args.out, step=args.step, tokenizer=args.tokenizer,
-                                           dtype=args.dtype, max_shard_bytes=_parse_size(args.max_shard_size))
+                                           dtype=args.dtype, max_shard_bytes=_parse_size(args.max_shard_size),
+                                           overwrite=args.overwrite)
             print(f"exported {label}")
     except (CreamError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -181,6 +181,13 @@ def test_export_of_a_train_checkpoint_generates_like_transformers(straight, tmp_
                           f"--out={out}"], env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=ROOT,
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
+    # the run's own tokenizer ships with it (tiny_cream's data.tokenizer, a registry name): AutoTokenizer loads
+    # the export as it is and encodes as the run's tokenizer does
+    from cream_jax.data import tokenizer as tok_lib
+
+    text = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tok(text).input_ids == [hf_tok.bos_token_id, *tok_lib.resolve("botchan-bpe-1000").sp.EncodeAsIds(text)]
     hf_cfg = json.loads((out / "config.json").read_text())
     assert hf_cfg["rope_scaling"] == {"rope_type": "linear", "factor": 4.0} and hf_cfg["max_position_embeddings"] == 512
 

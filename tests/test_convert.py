@@ -36,7 +36,50 @@ def test_cli_errors_before_work(tmp_path, capsys):
     assert "no model_config.json" in capsys.readouterr().err
     assert convert.main(["orbax-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o"),
                          "--tokenizer", str(tmp_path / "nope.model")]) == 2
-    assert "nope.model does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no SentencePiece model at" in err and "nope.model" in err
+    assert not (tmp_path / "o").exists()  # checked before the weights were read
+
+
+def test_an_export_is_whole_or_nothing_and_never_overwrites_unasked(tmp_path, capsys, monkeypatch):
+    """orbax-to-hf ships a registry tokenizer by name, with the files world-readable as mkdir and open would
+    make them; a non-empty --out is refused unless --overwrite; a failed export leaves --out as it was and
+    nothing beside it."""
+    from cream_jax import LlamaConfig, hf, init
+
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    checkpoint.save_params(init(cfg), tmp_path / "ckpt")
+    out = tmp_path / "hf"
+    export = ["orbax-to-hf", f"--ckpt={tmp_path / 'ckpt'}", f"--out={out}", "--tokenizer=botchan-bpe-1000"]
+    assert convert.main(export) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"} <= {
+        p.name for p in out.iterdir()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {oct(0o666 & ~umask)}
+    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~umask)
+
+    (out / "stale.safetensors").write_text("left from another export")
+    capsys.readouterr()
+    assert convert.main(export) == 2
+    assert f"--out={out} exists and is not empty" in capsys.readouterr().err
+    assert (out / "stale.safetensors").exists()
+    assert convert.main([*export, "--overwrite"]) == 0
+    assert not (out / "stale.safetensors").exists() and (out / "model.safetensors").exists()
+
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+    save_hf = hf.save_hf
+
+    def fails_midway(module, path, **kwargs):
+        save_hf(module, path, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hf, "save_hf", fails_midway)
+    with pytest.raises(OSError, match="disk full"):
+        convert.export_hf(tmp_path / "ckpt", out, overwrite=True, progress=False)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]  # no half-built folder beside it
 
 
 _REPORT_PEAK = """
