@@ -43,6 +43,7 @@ def run(c: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[str, Any
     lead = jax.process_index() == 0
     cfg, _ = load.initial_config(c)
     tc.check_model_fits_mesh(cfg, c, jax.device_count())
+    changes = _check_resume(c, cfg, workdir)
     mesh = sharding.make_mesh(dict(c.mesh))
     t = c.train
     row_len = tc.buffer_length(c)
@@ -51,23 +52,29 @@ def run(c: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[str, Any
                                      offsets=tc.offsets(c), host=jax.process_index(),
                                      num_hosts=jax.process_count(), progress=lead)
     try:
-        return _train(c, cfg, workdir, mesh, data, lead, tqdm)
+        return _train(c, cfg, workdir, mesh, data, lead, tqdm, changes)
     finally:
         data.batches.close()
 
 
-def _check_same_model(ckpt, cfg: LlamaConfig, workdir: Path) -> None:
+def _check_resume(c: ml_collections.ConfigDict, cfg: LlamaConfig, workdir: Path) -> list[str]:
+    """Where `workdir` holds checkpoints: the same model (else a ConfigError), and the config differences a
+    resume accepts, one line each (`train_config.resume_changes`; a refused one is a ConfigError)."""
     from cream_jax import checkpoint
 
+    if not (workdir / checkpoint.CHECKPOINTS_DIR).is_dir():
+        return []
     try:
-        _, meta = checkpoint.read_meta(workdir)
+        step, meta = checkpoint.read_meta(workdir)
     except checkpoint.CheckpointError:
-        return  # unreadable newest step: restore_latest reports it and falls back
+        return []  # unreadable newest step: restore_latest reports it and falls back
     saved = LlamaConfig(**meta["model_config"])
     for name in tc.ARCHITECTURE_FIELDS:
         if getattr(saved, name) != getattr(cfg, name):
-            raise tc.ConfigError(f"{ckpt.directory} holds checkpoints of another model ({name}={getattr(saved, name)}, "
-                                 f"this config: {getattr(cfg, name)}); use a new --workdir.")
+            raise tc.ConfigError(f"{workdir / checkpoint.CHECKPOINTS_DIR} holds checkpoints of another model "
+                                 f"({name}={getattr(saved, name)}, this config: {getattr(cfg, name)}); use a new "
+                                 f"--workdir.")
+    return tc.resume_changes(meta["config"], c, step) if "config" in meta else []
 
 
 def _write_status(workdir: Path, state: str, step: int) -> None:
@@ -84,7 +91,7 @@ def _keep_metrics_up_to(path: Path, step: int) -> None:
 
 
 def _train(c, cfg: LlamaConfig, workdir: Path, mesh, data, lead: bool,
-           tqdm) -> list[dict[str, Any]]:
+           tqdm, changes: list[str]) -> list[dict[str, Any]]:
     from cream_jax import checkpoint
 
     t = c.train
@@ -94,7 +101,6 @@ def _train(c, cfg: LlamaConfig, workdir: Path, mesh, data, lead: bool,
     start, restored = 0, None
     with jax.set_mesh(mesh):
         if ckpt.steps():
-            _check_same_model(ckpt, cfg, workdir)
             restored = ckpt.restore_latest(built.abstract_state)
         if restored is not None:
             start, state, data_state, meta = restored
@@ -120,6 +126,9 @@ def _train(c, cfg: LlamaConfig, workdir: Path, mesh, data, lead: bool,
         print(f"cream-jax train: {origin}; {cfg.num_params() / 1e6:.1f}M params; mesh {dict(mesh.shape)}; "
               f"positions {step_cfg.method} N={step_cfg.window} L={step_cfg.target}; data: {data.description}",
               flush=True)
+        if restored is not None:
+            for line in changes:
+                print(f"resume: {line}", flush=True)
     history = []
     preemption = Preemption()
     bar = tqdm(range(start, t.steps), disable=not lead, desc="train", unit="step", initial=start, total=t.steps)

@@ -203,6 +203,54 @@ def load_config(path: str | os.PathLike, **kwargs: Any) -> ml_collections.Config
     return module.get_config(**kwargs)
 
 
+# ----------------------------------------------------------------------------- resume
+
+# What a resumed run may change from the config it was started with: how it runs (mesh, checkpoints, logging,
+# remat, the attention backend), where its files live (local data and tokenizers count by content: the data
+# pipeline's saved state refuses other content) and train.steps (the schedule then spans the new length).
+# Any other change (the data's kind, the positions, the optimizer, the model) would make the rest of it
+# another run: refused, naming the field.
+RESUME_MAY_CHANGE = ("train.steps", "train.grad_accum", "train.log_every", "train.peak_flops_per_device", "mesh.",
+                     "checkpoint.", "data.prefetch", "data.cache_dir", "data.data_dir", "data.files", "data.tokenizer",
+                     "model.remat", "model.attention", "model.attention_block_size", "model.scan_layers",
+                     "model.init_from", "name")
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(saved: dict, c: ml_collections.ConfigDict, step: int) -> list[str]:
+    """One line per accepted difference between the config a run was started with (`saved`, as its
+    checkpoints record it) and `c`, resuming at `step`; a ConfigError names the first refused one. Fields
+    that `saved` lacks (a run from before they existed) count as unchanged."""
+    import json
+
+    from cream_jax import optim
+
+    was, now = _flat(saved), _flat(json.loads(c.to_json_best_effort()))
+    changed = sorted(k for k in was.keys() & now.keys() if was[k] != now[k])
+    for k in changed:
+        if not k.startswith(RESUME_MAY_CHANGE):
+            raise ConfigError(f"{k}={now[k]!r} differs from the run's {k}={was[k]!r}: resuming with it would make "
+                              f"the rest another run; pass --config.{k}={was[k]!r} or use a new --workdir.")
+    lines = []
+    for k in changed:
+        line = f"{k} {was[k]!r} -> {now[k]!r}"
+        if k == "train.steps":
+            before = float(optim.lr_schedule(ml_collections.ConfigDict(saved["train"]))(step))
+            after = float(optim.lr_schedule(c.train)(step))
+            line += f" (the schedule now spans {now[k]} steps: lr at step {step} {before:.3g} -> {after:.3g})"
+        lines.append(line)
+    return lines
+
+
 # ----------------------------------------------------------------------------- command line
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -45,7 +45,9 @@ while true; do
     echo "local.sh: training failed $attempt times; giving up" >&2
     exit 1
   fi
-  echo "local.sh: training stopped; relaunching ($attempt of $RETRIES), resuming from $WORKDIR/checkpoints" >&2
+  resume="from the start (no checkpoint yet)"
+  [[ -d "$WORKDIR/checkpoints" ]] && resume="resuming from $WORKDIR/checkpoints"
+  echo "local.sh: training stopped (exit $rc); relaunching ($attempt of $RETRIES), $resume" >&2
 done
 
 STEP="$(sed -E 's/.*"step": ([0-9]+).*/\1/' "$WORKDIR/status.json")"

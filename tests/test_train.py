@@ -298,3 +298,30 @@ def test_initial_weights_from_hf_or_params_checkpoint(tmp_path, kind):
     c.model.hidden_size = 96
     with pytest.raises(tc.ConfigError, match="model.hidden_size=96 differs from 64"):
         load.initial_params(c)
+
+
+def test_resume_refuses_another_run_and_reports_what_it_accepts(tmp_path, capsys):
+    """A relaunch with another learning rate, batch or positions is refused by name before anything runs;
+    more steps, another mesh or log interval are accepted and reported (the schedule's jump included)."""
+    workdir = tmp_path / "run"
+    c = tiny(steps=4, warmup_steps=1, log_every=2)
+    c.checkpoint.every = 2
+    train.run(c, workdir)
+    saved = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    for field, value in (("train.lr", 1e-3), ("train.global_batch", 16), ("positions.sigma", 2.0),
+                         ("data.branching", 3)):
+        changed = c.copy_and_resolve_references()
+        section, name = field.split(".")
+        changed[section][name] = value
+        with pytest.raises(tc.ConfigError, match=rf"{field}={value!r} differs from the run's {field}="):
+            train.run(changed, workdir)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == saved  # nothing written
+    capsys.readouterr()
+    longer = tiny(steps=8, warmup_steps=1, log_every=4)
+    longer.checkpoint.every = 2
+    history = train.run(longer, workdir)
+    out = capsys.readouterr().out
+    assert [h["step"] for h in history] == [8]
+    assert "resume: train.log_every 2 -> 4" in out
+    (steps_line,) = [x for x in out.splitlines() if x.startswith("resume: train.steps 4 -> 8")]
+    assert "the schedule now spans 8 steps: lr at step 4" in steps_line
