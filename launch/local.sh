@@ -14,6 +14,8 @@ WORKDIR="runs/local"
 RETRIES=3
 EXTRA=()
 while [[ $# -gt 0 ]]; do
+  # --option=value, as the Python CLIs take it, is --option value (what follows -- is passed on as it is)
+  if [[ "$1" == --?*=* ]]; then set -- "${1%%=*}" "${1#*=}" "${@:2}"; fi
   case "$1" in
     --config) CONFIG="$2"; shift ;;
     --workdir) WORKDIR="$2"; shift ;;

@@ -61,6 +61,8 @@ COMMAND="${1:-}"
 if [[ "$COMMAND" == "--dry_run" ]]; then DRY_RUN=1; shift; COMMAND="${1:-}"; fi
 shift || true
 while [[ $# -gt 0 ]]; do
+  # --option=value, as the Python CLIs take it, is --option value (what follows -- is passed on as it is)
+  if [[ "$1" == --?*=* ]]; then set -- "${1%%=*}" "${1#*=}" "${@:2}"; fi
   case "$1" in
     --dry_run) DRY_RUN=1 ;;
     --name) NAME="$2"; shift ;;

@@ -137,6 +137,11 @@ def test_tpu_pod_dry_run_prints_the_gcloud_commands():
     train = next(x for x in lines if "cream_jax.train" in x)
     assert "--worker=all" in train and "--distributed" in train and "--config.train.lr=1e-5" in train
     assert lines[-1] == "gcloud compute tpus tpu-vm delete c32 --zone us-east5-a --quiet"
+    joined = ["--dry_run", "run", "--name=c32", "--zone=us-east5-a", "--type=v5p-32", "--spot", "--bucket=b",
+              "--workdir=/gcs/b/runs/c32", "--", "--config.train.lr=1e-5"]
+    same = subprocess.run([str(ROOT / "launch" / "tpu_pod.sh"), *joined], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin"})
+    assert same.returncode == 0 and same.stdout == run.stdout, same.stderr  # --option=value works too
     bad = subprocess.run([str(ROOT / "launch" / "tpu_pod.sh"), "--dry_run", "run", "--name", "x"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--zone is required" in bad.stderr
@@ -238,3 +243,27 @@ def test_colab_notebook_runs_on_cpu(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_the_readme_tiny_sequence_runs_as_written(tmp_path):
+    """The README's tiny_cream commands (train, evaluate, convert), in its order, as written but for a shorter
+    run and fewer prompts, in a scratch folder: each exits 0, and the export loads in transformers with its
+    tokenizer."""
+    text = re.sub(r"\\\n\s*", " ", (ROOT / "README.md").read_text())
+    lines = [m.group(0).split("  #")[0].strip() for m in re.finditer(r"python -m cream_jax\.\S+[^\n]*", text)
+             if "runs/tiny_cream" in m.group(0)]
+    assert [x.split()[2] for x in lines] == ["cream_jax.train", "cream_jax.evaluate", "cream_jax.convert"], lines
+    shorter = {"cream_jax.train": ["--config.train.steps=4", "--config.train.warmup_steps=1"],
+               "cream_jax.evaluate": ["--samples=1"], "cream_jax.convert": []}
+    for line in lines:
+        argv = line.replace("runs/", f"{tmp_path}/runs/").split()[2:]
+        run = subprocess.run([sys.executable, "-m", *argv, *shorter[argv[0]]], cwd=ROOT, capture_output=True,
+                             text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+        assert run.returncode == 0, (line, run.stderr[-3000:])
+    import transformers
+
+    export = tmp_path / "runs" / "tiny_cream" / "hf"
+    assert transformers.AutoTokenizer.from_pretrained(export)("Emma").input_ids[0] == 1
+    assert transformers.AutoModelForCausalLM.from_pretrained(export).config.max_position_embeddings == 512
