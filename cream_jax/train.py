@@ -123,16 +123,18 @@ def _train(c, cfg: LlamaConfig, workdir: Path, mesh, data, lead: bool,
         _keep_metrics_up_to(workdir / "metrics.jsonl", start)
         _write_status(workdir, "running", start)
         writer = _summary_writer(workdir / "tensorboard")
-        print(f"cream-jax train: {origin}; {cfg.num_params() / 1e6:.1f}M params; mesh {dict(mesh.shape)}; "
-              f"positions {step_cfg.method} N={step_cfg.window} L={step_cfg.target}; data: {data.description}",
-              flush=True)
+        print(f"cream-jax train: {origin}\n"
+              f"  model: {cfg.num_params() / 1e6:.1f}M params, mesh {dict(mesh.shape)}\n"
+              f"  positions: {step_cfg.method}, window N={step_cfg.window}, target L={step_cfg.target}\n"
+              f"  data: {data.description}", flush=True)
         if restored is not None:
             for line in changes:
                 print(f"resume: {line}", flush=True)
     history = []
     preemption = Preemption()
     bar = tqdm(range(start, t.steps), disable=not lead, desc="train", unit="step", initial=start, total=t.steps)
-    last, reached = time.perf_counter(), start
+    # the first call compiles: steps are timed from its end, so tokens/s says what the steady steps do
+    last, since, reached, first_seconds = time.perf_counter(), start, start, 0.0
     try:
         with jax.set_mesh(mesh), open(workdir / "metrics.jsonl", "a") if lead else _nullfile() as log:
             for step in bar:
@@ -140,12 +142,15 @@ def _train(c, cfg: LlamaConfig, workdir: Path, mesh, data, lead: bool,
                 batch = {k: jax.make_array_from_process_local_data(in_shardings[k], local[k]) for k in data.keys}
                 state, metrics = step_fn(state, batch, jnp.asarray(step, jnp.int32))
                 done = reached = step + 1
+                if step == start:
+                    jax.block_until_ready(metrics)
+                    now = time.perf_counter()
+                    first_seconds, last, since = now - last, now, done
                 if done % t.log_every == 0 or done == t.steps:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     now = time.perf_counter()
-                    steps_done = t.log_every if done % t.log_every == 0 else done % t.log_every
-                    seconds = (now - last) / steps_done
-                    last = now
+                    seconds = (now - last) / (done - since) if done > since else first_seconds
+                    last, since = now, done
                     metrics.update(step=done, seconds_per_step=seconds,
                                    tokens_per_s=t.global_batch * step_cfg.window / seconds)
                     if peak:
@@ -170,6 +175,12 @@ def _train(c, cfg: LlamaConfig, workdir: Path, mesh, data, lead: bool,
         ckpt.wait()
         if lead:
             _write_status(workdir, "done" if reached >= t.steps else "preempted", reached)
+            if reached >= t.steps and reached > start:
+                print(f"done: step {reached} saved in {ckpt.directory / str(reached)} (first step, compiling: "
+                      f"{first_seconds:.1f} s). Next:\n"
+                      f"  python -m cream_jax.evaluate --ckpt={workdir} --task=passkey "
+                      f"--lengths={step_cfg.window},{step_cfg.target}\n"
+                      f"  python -m cream_jax.convert orbax-to-hf --ckpt={workdir} --out={workdir / 'hf'}", flush=True)
     finally:
         preemption.close()
         ckpt.close()

@@ -325,3 +325,17 @@ def test_resume_refuses_another_run_and_reports_what_it_accepts(tmp_path, capsys
     assert "resume: train.log_every 2 -> 4" in out
     (steps_line,) = [x for x in out.splitlines() if x.startswith("resume: train.steps 4 -> 8")]
     assert "the schedule now spans 8 steps: lr at step 4" in steps_line
+
+
+def test_the_run_says_what_it_did_and_what_to_run_next(tmp_path, capsys):
+    """tokens/s times the steady steps (the compiling first call apart), and the end says where the checkpoint
+    is and which commands come next."""
+    history = train.run(tiny(steps=7, warmup_steps=1, log_every=3), tmp_path / "run")
+    out = capsys.readouterr().out
+    first, second = (h["seconds_per_step"] for h in history[:2])
+    assert first < 3 * second and second < 3 * first, history  # a compile inside the first would be 100x
+    assert f"done: step 7 saved in {tmp_path / 'run' / 'checkpoints' / '7'}" in out
+    assert f"python -m cream_jax.evaluate --ckpt={tmp_path / 'run'} --task=passkey --lengths=128,512" in out
+    assert f"python -m cream_jax.convert orbax-to-hf --ckpt={tmp_path / 'run'} --out={tmp_path / 'run' / 'hf'}" in out
+    header = out.splitlines()[:4]  # what, model, positions, data: a line each
+    assert [x.split(":")[0] for x in header] == ["cream-jax train", "  model", "  positions", "  data"], header
