@@ -66,7 +66,7 @@ def load(args: argparse.Namespace) -> tuple:
         spec = load_lib.run_tokenizer(source) if kind == "run" else source
     tok = tok_lib.resolve(spec)
     tok_lib.check_vocab(tok, config.vocab_size)
-    module, label = load_lib.load_model(source, step, progress=False)
+    module, label = load_lib.load_model(source, step, progress=True)
     return module.config, nnx.to_pure_dict(nnx.state(module, nnx.Param)), tok, label
 
 
@@ -420,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
+    if a.task == "ppl":  # which text the numbers are about
+        label = f"{label}, on {a.corpus} ({a.ppl_mode})"
     md = table(a.task, summary)
     (out / f"{a.task}.json").write_text(json.dumps({"model": label, "task": a.task, "chat": a.chat,
                                                     "summary": summary, "rows": rows}, indent=1) + "\n")

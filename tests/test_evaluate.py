@@ -67,6 +67,7 @@ def test_evaluate_cli_every_task(tiny_hf, tmp_path, capsys):
     assert all(r["tokens"] <= 400 for r in kv if r["keys"] != 3)
     lines = json.loads((out / "lines.json").read_text())
     assert lines["chat"] == "vicuna" and all(r["chat"] == "vicuna" for r in lines["rows"])
+    assert (out / "ppl.md").read_text().splitlines()[0].endswith(", on botchan (documents)")  # says its text
     ppl = json.loads((out / "ppl.json").read_text())["summary"]
     assert [r["length"] for r in ppl] == [64, 128] and all(r["ppl"] > 1 and r["mode"] == "documents" for r in ppl)
 
