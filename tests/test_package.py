@@ -166,3 +166,12 @@ def test_off_a_tpu_the_clis_print_no_backend_or_library_warnings(tmp_path):
         assert run.returncode == 0, run.stderr[-3000:]
         lines = [x for x in re.split(r"[\r\n]", run.stdout + run.stderr) if x.strip()]
         assert [x for x in lines if NOISE.search(x)] == [], command[0]
+
+
+def test_the_readme_layout_lists_every_module():
+    layout = (ROOT / "README.md").read_text().split("## Layout", 1)[1].split("```")[1]
+    top = [p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py"]
+    data = [p.stem for p in (PACKAGE / "data").glob("*.py") if p.name != "__init__.py"]
+    data_entry = layout.split("cream_jax/data/", 1)[1].split("\ncream_jax/", 1)[0]
+    assert [m for m in top if f"cream_jax/{m}" not in layout] == []
+    assert [m for m in data if not re.search(rf"\b{m}\b", data_entry)] == []
