@@ -566,8 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         output_dir(a.out)  # before the measurements, not after them
     except CreamError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.report(e)
     sizes = QUICK if a.quick else FULL
     start = time.perf_counter()
     results = {"meta": {**_meta(sizes, a.quick), "notes": a.notes}, **bench_train(sizes),

@@ -8,10 +8,15 @@ import sys
 from typing import Any, NoReturn
 
 
+def report(error: BaseException | str) -> int:
+    """Print `error: ...` on stderr; returns 2, the usage-error status of every CLI here."""
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+
+
 def fail(message: str) -> NoReturn:
-    """Print `error: message` (its first line) and exit 2, the usage-error status of every CLI here."""
-    print(f"error: {message.strip().splitlines()[0]}", file=sys.stderr)
-    sys.exit(2)
+    """`report` the message's first line and exit."""
+    sys.exit(report(message.strip().splitlines()[0]))
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -12,14 +12,11 @@ Both stream tensor by tensor: the model is held once, plus one tensor.
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cream_jax import checkpoint, cli, hf, load
+from cream_jax import checkpoint, cli, files, hf, load
 from cream_jax.errors import CreamError
 
 if TYPE_CHECKING:
@@ -58,25 +55,9 @@ def export_hf(source: str | Path, out: str | Path, *, step: int | None = None, t
     if tok is not None:
         tok_lib.check_vocab(tok, config.vocab_size)
     module, label = load.load_model(source, step, progress=progress)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with files.replaced_dir(out) as build:
         hf.save_hf(module, build, tokenizer=tok.path if tok else None, dtype=dtype, max_shard_bytes=max_shard_bytes,
                    progress=progress)
-        umask = os.umask(0)
-        os.umask(umask)
-        build.chmod(0o777 & ~umask)  # as a folder made with mkdir would be (mkdtemp makes it private)
-        for f in build.iterdir():
-            f.chmod(0o666 & ~umask)
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
-            out.rename(old / out.name)
-        build.rename(out)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
     return module, label, out
 
 
@@ -128,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                                            overwrite=args.overwrite)
             print(f"exported {label}")
     except (CreamError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.report(e)
     cfg = module.config
     print(f"wrote {out} ({cfg.num_params() / 1e6:.1f}M parameters, {cfg.num_hidden_layers} layers, "
           f"rope={cfg.rope.type}, eabf={'on' if cfg.eabf.enabled else 'off'})")

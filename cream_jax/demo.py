@@ -480,8 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run(r, Path(a.out))
     except (CreamError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.report(e)
     return 0
 
 

@@ -417,8 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = run_generation(cfg, params, tok, examples, a.batch, a.chunk)
             summary = summarize(a.task, rows)
     except (CreamError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.report(e)
     out.mkdir(parents=True, exist_ok=True)
     if a.task == "ppl":  # which text the numbers are about
         label = f"{label}, on {a.corpus} ({a.ppl_mode})"

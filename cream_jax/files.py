@@ -40,7 +40,7 @@ def build_dir(final: Path, done_marker: str, built: str = "") -> Iterator[Path]:
     first rename wins, and a later one is dropped when `final / done_marker` exists."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    tmp.chmod(0o755)
+    usual_mode(tmp)
     try:
         yield tmp
         try:
@@ -48,5 +48,42 @@ def build_dir(final: Path, done_marker: str, built: str = "") -> Iterator[Path]:
         except OSError:  # built meanwhile by another process
             if not (final / done_marker).exists():
                 raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    try:  # Linux: read it, rather than set and reset the process-wide mask under running threads
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(path: Path) -> None:
+    """Give `path` the permissions that mkdir or open would (mkdtemp and safetensors make theirs private)."""
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
+@contextlib.contextmanager
+def replaced_dir(final: Path) -> Iterator[Path]:
+    """Yields a new temporary directory beside `final` to build in; on success it takes `final`'s place
+    whole (an existing `final` is moved aside, then deleted). A failure leaves `final` as it was and
+    nothing beside it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    usual_mode(tmp)
+    try:
+        yield tmp
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}-old-", dir=final.parent)) if final.exists() else None
+        if old is not None:
+            final.rename(old / final.name)
+        tmp.rename(final)
+        if old is not None:
+            shutil.rmtree(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

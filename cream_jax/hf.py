@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from cream_jax import model as model_lib
 from cream_jax.config import EabfConfig, LlamaConfig, RopeConfig
+from cream_jax.files import usual_mode
 from cream_jax.errors import CreamError
 from cream_jax.rope import ntk_theta
 
@@ -347,6 +348,7 @@ def save_hf(module: model_lib.Llama, path: str | os.PathLike, tokenizer: str | o
             buffer[name] = value
             bar.update()
         save_file(buffer, str(path / files[k]), metadata={"format": "pt"})
+        usual_mode(path / files[k])  # safetensors writes 0600: readable by all as other files are
         buffer = {}
     bar.close()
     for stale in [SINGLE_FILE, INDEX_FILE] if len(shards) > 1 else [INDEX_FILE]:

@@ -52,7 +52,7 @@ import ml_collections
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cream_jax import attention, sharding, tpu
+from cream_jax import attention, cli, sharding, tpu
 from cream_jax import flops as flops_lib
 from cream_jax import state as state_lib
 from cream_jax import step as step_lib
@@ -442,8 +442,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
                                             progress=lambda what, name=name: print(
                                                 f"searching {name}: {what}", file=sys.stderr, flush=True))
         except (CreamError, RuntimeError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return cli.report(e)
         print(table(plans))
         for p in plans:
             for note in p.notes:

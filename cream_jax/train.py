@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cream_jax import flops, load, sharding
+from cream_jax import cli, flops, load, sharding
 from cream_jax import state as state_lib
 from cream_jax import train_config as tc
 from cream_jax.config import LlamaConfig
@@ -248,8 +248,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         try:
             run(f.config, f.workdir)
         except (CreamError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return cli.report(e)
         return 0
 
     app.run(lambda argv: sys.exit(_main(argv)), argv=argv, flags_parser=tc.parse_flags)  # exits with its status

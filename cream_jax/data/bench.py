@@ -145,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             raise corpora.FetchError(f"--corpus={a.corpus} is not a corpus; use one of {', '.join(known)}")
         docs = [json.loads(x)["text"] for x in corpora.fetch(a.corpus).read_text().splitlines()]
     except CreamError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.report(e)
     tokenizers = ["botchan-bpe-1000"] if a.quick else ["llama2-32k", "botchan-bpe-1000"]
     repeat = 3 if a.quick else 5
     result = {"meta": {"corpus": a.corpus, "cpus": os.cpu_count(), "repeat": repeat,
