@@ -21,14 +21,17 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cream_jax import rope
 from cream_jax.config import LlamaConfig
 from cream_jax.model import attention_inputs, layer_output, layer_q_scale, output_logits
-from cream_jax.sharding import constrain
+from cream_jax.sharding import constrain, logical_to_spec
 
 _MASKED = -1e30
-CACHE_AXES = ("batch", "length", "activation_kv_heads", None)  # one layer's cache, by logical axis names
+CACHE_AXES = ("layers", "batch", "length", "activation_kv_heads", None)  # the cache [L, B, T, N, K] by logical names
+DEFAULT_BLOCK = 512  # cache slots per attention block: a chunk's scores are [chunk, block] per head at a time
 
 
 @jax.tree_util.register_dataclass
@@ -44,40 +47,121 @@ class KVCache:
         return self.k.shape[2]
 
 
+def cache_sharding(mesh: jax.sharding.Mesh) -> KVCache:
+    """The cache's shardings on `mesh`: kv heads over `tensor`, the batch over `data` and `fsdp` (the rule
+    table's `batch`), so each chip holds its rows' slots of its heads."""
+    kv = NamedSharding(mesh, logical_to_spec(CACHE_AXES, mesh_axes=mesh.axis_names))
+    return KVCache(kv, kv, NamedSharding(mesh, P()),
+                   NamedSharding(mesh, logical_to_spec(("batch",), mesh_axes=mesh.axis_names)))
+
+
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, start_B: jax.typing.ArrayLike | None = None) -> KVCache:
-    """An empty cache; `start_B` (default 0) is each row's left padding, for prompts of different lengths."""
+    """An empty cache; `start_B` (default 0) is each row's left padding, for prompts of different lengths. On a
+    mesh (`jax.set_mesh`) it is created in its shards (`cache_sharding`)."""
     shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
     dtype = jnp.dtype(cfg.dtype)
-    start_B = jnp.zeros((batch,), jnp.int32) if start_B is None else jnp.asarray(start_B, jnp.int32)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32), start_B)
+    start_B = np.zeros((batch,), np.int32) if start_B is None else np.asarray(start_B, np.int32)
+
+    def make(start_B):
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32), start_B)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return make(jnp.asarray(start_B))
+    concrete = jax.sharding.get_mesh()
+    shardings = cache_sharding(concrete)
+    return jax.jit(make, out_shardings=shardings)(to_global(start_B, shardings.start))
 
 
-def _cached_attention(q_BxCxHxK, k_BxTxNxK, v_BxTxNxK, query_slot_C, start_B):
+def to_global(x: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host array that every process holds whole, as one global array with `sharding` (each process puts
+    only its own devices' parts; on one process this is `jax.device_put`)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def _inputs(x: np.ndarray) -> jax.Array:
+    """Token ids for `extend`: replicated over the active mesh (every process passes the same ids)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return jnp.asarray(x)
+    return to_global(x, NamedSharding(jax.sharding.get_mesh(), P()))
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-process) array as a numpy array on every process."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _block_update(carry, q_BxNxGxCxK, k_BxSxNxK, v_BxSxNxK, visible_BxCxS):
+    """One key block of the online softmax: the running (output, max, sum) updated with this block's keys."""
+    o, m, row_sum = carry
+    s = jnp.einsum("bngck,bsnk->bngcs", q_BxNxGxCxK, k_BxSxNxK, preferred_element_type=jnp.float32)
+    s = jnp.where(visible_BxCxS[:, None, None], s, _MASKED)
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.where(visible_BxCxS[:, None, None], jnp.exp(s - m_new[..., None]), 0.0)
+    correction = jnp.exp(m - m_new)
+    pv = jnp.einsum("bngcs,bsnk->bngck", p.astype(v_BxSxNxK.dtype), v_BxSxNxK, preferred_element_type=jnp.float32)
+    return o * correction[..., None] + pv, m_new, row_sum * correction + p.sum(-1)
+
+
+def block_range(cache: KVCache, num_tokens: int, block: int, skip: bool = True) -> tuple[jax.Array, jax.Array]:
+    """[first, last) key blocks that `num_tokens` new tokens at slot `cache.length` attend to: from the block of
+    the earliest real slot of any row (blocks of left padding only are skipped) to the block of the last new
+    token (blocks entirely in the future are skipped). Without `skip`: every block of the cache."""
+    num_blocks = -(-cache.max_len // block)
+    if not skip:
+        return jnp.int32(0), jnp.int32(num_blocks)
+    first = jnp.min(cache.start) // block
+    last = jnp.minimum((cache.length + num_tokens + block - 1) // block, num_blocks)
+    return first.astype(jnp.int32), last.astype(jnp.int32)
+
+
+def cached_attention(q_BxCxHxK: jax.Array, cache: KVCache, layer: jax.Array, block: int = DEFAULT_BLOCK,
+                     skip: bool = True) -> jax.Array:
+    """Attention of C new queries (at slots [length, length + C), their keys already written) against layer
+    `layer` of the cache, key block by key block with an online softmax: memory O(C x block) per layer, and
+    only the blocks `block_range` names are computed. A row sees its slots from `start` up to each query's
+    own slot."""
     B, C, H, K = q_BxCxHxK.shape
-    N = k_BxTxNxK.shape[2]
-    q_BxCxNxGxK = q_BxCxHxK.reshape(B, C, N, H // N, K)
-    logits = jnp.einsum("bcngk,btnk->bngct", q_BxCxNxGxK, k_BxTxNxK, preferred_element_type=jnp.float32) * K ** -0.5
-    slot_T = jnp.arange(k_BxTxNxK.shape[1])
-    visible_BxCxT = (slot_T[None, None, :] <= query_slot_C[None, :, None]) & (slot_T >= start_B[:, None])[:, None, :]
-    logits = jnp.where(visible_BxCxT[:, None, None], logits, _MASKED)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxTxNxK.dtype)
-    return jnp.einsum("bngct,btnk->bcngk", probs, v_BxTxNxK).reshape(B, C, H, K)
+    T, N = cache.max_len, cache.k.shape[3]
+    block = min(block, T)
+    G = H // N
+    q_BxNxGxCxK = (q_BxCxHxK.astype(jnp.float32) * K ** -0.5).astype(q_BxCxHxK.dtype)
+    q_BxNxGxCxK = q_BxNxGxCxK.reshape(B, C, N, G, K).transpose(0, 2, 3, 1, 4)
+    query_slot_C = cache.length + jnp.arange(C, dtype=jnp.int32)
+
+    def step(j, carry):
+        nominal = j * block
+        first_slot = jnp.minimum(nominal, T - block)  # the last block overlaps the one before when T % block
+        k_BxSxNxK = jax.lax.dynamic_slice(cache.k, (layer, 0, first_slot, 0, 0), (1, B, block, N, K))[0]
+        v_BxSxNxK = jax.lax.dynamic_slice(cache.v, (layer, 0, first_slot, 0, 0), (1, B, block, N, K))[0]
+        slot_S = first_slot + jnp.arange(block, dtype=jnp.int32)
+        visible_BxCxS = ((slot_S >= nominal)[None, None, :]  # overlapping slots count in their own block only
+                         & (slot_S[None, None, :] <= query_slot_C[None, :, None])
+                         & (slot_S[None, :] >= cache.start[:, None])[:, None, :])
+        return _block_update(carry, q_BxNxGxCxK, k_BxSxNxK, v_BxSxNxK, visible_BxCxS)
+
+    init = (jnp.zeros((B, N, G, C, K), jnp.float32), jnp.full((B, N, G, C), _MASKED, jnp.float32),
+            jnp.zeros((B, N, G, C), jnp.float32))
+    first, last = block_range(cache, C, block, skip)
+    o, _, row_sum = jax.lax.fori_loop(first, last, step, init)
+    row_sum = jnp.where(row_sum == 0, 1.0, row_sum)  # a padding query sees no key at all
+    out = (o / row_sum[..., None]).astype(q_BxCxHxK.dtype)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, C, H, K)
 
 
-def sequence_end(cache: KVCache, num_tokens: int) -> jax.Array:
+def sequence_end(cache: KVCache, num_tokens: int | jax.Array) -> jax.Array:
     """The sequence length once `num_tokens` more tokens are cached: the longest row's last position + 1."""
     return cache.length + num_tokens - jnp.min(cache.start)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def extend(cfg: LlamaConfig, params: dict, tokens_BxC: jax.Array, cache: KVCache,
-           num_new: int | jax.Array | None = None, seq_len: int | jax.Array | None = None) -> tuple[jax.Array, KVCache]:
-    """Feed C tokens at slots [length, length + C): (logits [B, C, V], the cache with their keys and values).
-
-    `num_new` (<= C, default C) is how many of the C tokens are real; the cache length advances by it, and the
-    padding's slots are overwritten by the next call. `seq_len` is the length of the whole sequence these
-    tokens belong to, for dynamic NTK RoPE (`rope.inv_freq_for`; default: up to the last real token here):
-    `prefill` passes the whole prompt's, so chunks rotate as one forward pass over the prompt would."""
+def _extend(cfg: LlamaConfig, params: dict, tokens_BxC: jax.Array, cache: KVCache, num_new, seq_len,
+            logits: str, block: int, skip: bool) -> tuple[jax.Array, KVCache]:
     B, C = tokens_BxC.shape
     num_new = C if num_new is None else num_new
     seq_len = sequence_end(cache, num_new) if seq_len is None else seq_len
@@ -85,25 +169,45 @@ def extend(cfg: LlamaConfig, params: dict, tokens_BxC: jax.Array, cache: KVCache
     position_BxC = jnp.maximum(slot_C[None, :] - cache.start[:, None], 0)  # a row's positions start at 0
     dtype = jnp.dtype(cfg.dtype)
     x_BxCxD = jnp.take(params["model"]["embed_tokens"]["weight"], tokens_BxC, axis=0).astype(dtype)
+    x_BxCxD = constrain(x_BxCxD, ("batch", "length", "activation_embed"))
     cos_BxCxK, sin_BxCxK = rope.cos_sin(cfg, position_BxC, seq_len)
     q_scale_BxC = rope.eabf_scale(position_BxC, cfg.eabf.base_length) if cfg.eabf.enabled else None
 
-    def layer(x_BxCxD, inputs):
-        p, index, k_BxTxNxK, v_BxTxNxK = inputs
+    def layer(carry, inputs):  # the whole cache is carried, so each layer writes its C slots in place
+        x_BxCxD, k_cache, v_cache = carry
+        p, index = inputs
         q, k, v = attention_inputs(cfg, p, x_BxCxD, cos_BxCxK, sin_BxCxK, layer_q_scale(cfg, q_scale_BxC, index))
-        k_BxTxNxK = jax.lax.dynamic_update_slice(k_BxTxNxK, k.astype(k_BxTxNxK.dtype), (0, cache.length, 0, 0))
-        v_BxTxNxK = jax.lax.dynamic_update_slice(v_BxTxNxK, v.astype(v_BxTxNxK.dtype), (0, cache.length, 0, 0))
-        k_BxTxNxK, v_BxTxNxK = (constrain(x, CACHE_AXES) for x in (k_BxTxNxK, v_BxTxNxK))  # heads over `tensor`
-        attn = _cached_attention(q, k_BxTxNxK, v_BxTxNxK, slot_C, cache.start)
-        return layer_output(cfg, p, x_BxCxD, attn), (k_BxTxNxK, v_BxTxNxK)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], (index, 0, cache.length, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], (index, 0, cache.length, 0, 0))
+        k_cache, v_cache = (constrain(x, CACHE_AXES) for x in (k_cache, v_cache))  # heads over `tensor`
+        filled = KVCache(k_cache, v_cache, cache.length, cache.start)
+        attn = cached_attention(q, filled, index, block, skip)
+        return (layer_output(cfg, p, x_BxCxD, attn), k_cache, v_cache), None
 
-    layers = (params["model"]["layers"], jnp.arange(cfg.num_hidden_layers), cache.k, cache.v)
-    x_BxCxD, (k_cache, v_cache) = jax.lax.scan(layer, x_BxCxD, layers)
+    layers = (params["model"]["layers"], jnp.arange(cfg.num_hidden_layers))
+    (x_BxCxD, k_cache, v_cache), _ = jax.lax.scan(layer, (x_BxCxD, cache.k, cache.v), layers)
+    if logits == "last":  # only the last real token's: the vocabulary projection of one token per row
+        x_BxCxD = jax.lax.dynamic_slice_in_dim(x_BxCxD, num_new - 1, 1, axis=1)
     return output_logits(cfg, params, x_BxCxD), KVCache(k_cache, v_cache, cache.length + num_new, cache.start)
 
 
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("logits", "block", "skip"), donate_argnums=3)
+def extend(cfg: LlamaConfig, params: dict, tokens_BxC: jax.Array, cache: KVCache,
+           num_new: int | jax.Array | None = None, seq_len: int | jax.Array | None = None, *,
+           logits: str = "all", block: int = DEFAULT_BLOCK, skip: bool = True) -> tuple[jax.Array, KVCache]:
+    """Feed C tokens at slots [length, length + C): (logits, the cache with their keys and values).
+
+    `logits`: "all" [B, C, V], or "last" [B, 1, V], the last real token's only (a prefill needs no other).
+    `num_new` (<= C, default C) is how many of the C tokens are real; the cache length advances by it, and the
+    padding's slots are overwritten by the next call. `seq_len` is the length of the whole sequence these
+    tokens belong to, for dynamic NTK RoPE (`rope.inv_freq_for`; default: up to the last real token here):
+    `prefill` passes the whole prompt's, so chunks rotate as one forward pass over the prompt would.
+    `block`, `skip`: `cached_attention`'s key block and whether it skips blocks no query sees."""
+    return _extend(cfg, params, tokens_BxC, cache, num_new, seq_len, logits, block, skip)
+
+
 def prefill(cfg: LlamaConfig, params: dict, tokens_BxS: jax.typing.ArrayLike, cache: KVCache,
-            chunk: int = 512) -> tuple[jax.Array, KVCache]:
+            chunk: int = 512, block: int = DEFAULT_BLOCK, skip: bool = True) -> tuple[jax.Array, KVCache]:
     """Feed a prompt in chunks of `chunk` tokens (the last one padded, so only two shapes compile).
 
     Returns (logits of the prompt's last token [B, V], cache)."""
@@ -123,9 +227,43 @@ def prefill(cfg: LlamaConfig, params: dict, tokens_BxS: jax.typing.ArrayLike, ca
             piece = np.pad(piece, ((0, 0), (0, chunk - n)))
         if int(cache.length) + piece.shape[1] > cache.max_len:  # padding past the end: use the exact shape
             piece = piece[:, :n]
-        logits, cache = extend(cfg, params, jnp.asarray(piece), cache, n, seq_len)
-        last = logits[:, n - 1]
+        logits, cache = extend(cfg, params, _inputs(piece), cache, n, seq_len, logits="last", block=block,
+                               skip=skip)
+        last = logits[:, 0]
     return last, cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4), static_argnames=("stop_token", "block"), donate_argnums=3)
+def decode(cfg: LlamaConfig, params: dict, logits_BxV: jax.Array, cache: KVCache, steps: int,
+           temperature: float | jax.Array = 0.0, key: jax.Array | None = None, *,
+           stop_token: int | None = None, block: int = DEFAULT_BLOCK) -> tuple[jax.Array, jax.Array, KVCache]:
+    """Up to `steps` tokens after a prefill, in one compiled loop (one dispatch, no host round trip per token):
+    each picked from the current logits (greedy at temperature 0, else sampled with `fold_in(key, i)`), then fed
+    through the cache. Stops early once every row has produced `stop_token`. Returns (tokens [B, steps], the
+    number produced, cache); columns past that number are 0."""
+    B = logits_BxV.shape[0]
+    key = jax.random.key(0) if key is None else key
+
+    def pick(logits_BxV, i):
+        sampled = jax.random.categorical(jax.random.fold_in(key, i), logits_BxV / jnp.maximum(temperature, 1e-6))
+        return jnp.where(temperature > 0, sampled, jnp.argmax(logits_BxV, axis=-1)).astype(jnp.int32)
+
+    def cond(carry):
+        i, _, _, _, done_B = carry
+        return (i < steps) & ~jnp.all(done_B)
+
+    def body(carry):
+        i, logits_BxV, cache, tokens_BxN, done_B = carry
+        next_B = pick(logits_BxV, i)
+        tokens_BxN = jax.lax.dynamic_update_slice(tokens_BxN, next_B[:, None], (0, i))
+        if stop_token is not None:
+            done_B = done_B | (next_B == stop_token)
+        logits_Bx1xV, cache = _extend(cfg, params, next_B[:, None], cache, 1, None, "last", block, True)
+        return i + 1, logits_Bx1xV[:, 0], cache, tokens_BxN, done_B
+
+    init = (jnp.int32(0), logits_BxV, cache, jnp.zeros((B, steps), jnp.int32), jnp.zeros((B,), bool))
+    n, _, cache, tokens_BxN, _ = jax.lax.while_loop(cond, body, init)
+    return tokens_BxN, n, cache
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -139,31 +277,21 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0, multiple: int = 1) -> tu
 def generate(cfg: LlamaConfig, params: dict, prompt_BxS: jax.typing.ArrayLike, max_new_tokens: int, *,
              temperature: float = 0.0,
              key: jax.Array | None = None, chunk: int = 512, max_len: int | None = None,
-             stop_token: int | None = None, start_B: jax.typing.ArrayLike | None = None) -> np.ndarray:
-    """Prompt plus `max_new_tokens` tokens [B, S + new]: greedy at temperature 0, else sampled with `key`.
+             stop_token: int | None = None, start_B: jax.typing.ArrayLike | None = None,
+             block: int = DEFAULT_BLOCK) -> np.ndarray:
+    """Prompt plus up to `max_new_tokens` tokens [B, S + new]: greedy at temperature 0, else sampled with `key`;
+    fewer when every row has produced `stop_token`.
 
     Prompts of different lengths: `left_pad` them and pass `start_B`; each row then sees only its own tokens,
     at positions from 0, exactly as if it ran alone."""
     prompt_BxS = np.asarray(prompt_BxS, np.int32)
     B, S = prompt_BxS.shape
-    cache = init_cache(cfg, B, max_len or S + max_new_tokens, start_B)
-    logits_BxV, cache = prefill(cfg, params, prompt_BxS, cache, chunk)
     if temperature > 0 and key is None:
         raise ValueError("sampling (temperature > 0) needs a PRNG key")
-    out = [prompt_BxS]
-    done = np.zeros(B, bool)
-    for i in range(max_new_tokens):
-        if temperature > 0:
-            next_B = jax.random.categorical(jax.random.fold_in(key, i), logits_BxV / temperature, axis=-1)
-        else:
-            next_B = jnp.argmax(logits_BxV, axis=-1)
-        next_B = np.asarray(next_B, np.int32)
-        out.append(next_B[:, None])
-        if stop_token is not None:
-            done |= next_B == stop_token
-            if done.all():
-                break
-        if i + 1 < max_new_tokens:
-            logits_BxCxV, cache = extend(cfg, params, jnp.asarray(next_B[:, None]), cache, 1)
-            logits_BxV = logits_BxCxV[:, 0]
-    return np.concatenate(out, axis=1)
+    cache = init_cache(cfg, B, max_len or S + max_new_tokens, start_B)
+    logits_BxV, cache = prefill(cfg, params, prompt_BxS, cache, chunk, block)
+    if max_new_tokens == 0:
+        return prompt_BxS
+    tokens_BxN, n, _ = decode(cfg, params, logits_BxV, cache, max_new_tokens, temperature, key,
+                              stop_token=stop_token, block=block)
+    return np.concatenate([prompt_BxS, to_host(tokens_BxN)[:, :int(to_host(n))]], axis=1)

@@ -36,11 +36,12 @@ def test_cached_logits_equal_full_recomputation(rope):
     cfg, params = _model(**ROPES[rope])
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24)).astype(np.int32)
     full = np.asarray(model_lib.forward(cfg, params, jnp.asarray(tokens)))
-    cache = generate.init_cache(cfg, batch=2, max_len=32)
-    last, cache = generate.prefill(cfg, params, tokens[:, :13], cache, chunk=5)  # 5 + 5 + 3 (padded)
+    # 30 slots in key blocks of 8: four blocks, the last overlapping the third
+    cache = generate.init_cache(cfg, batch=2, max_len=30)
+    last, cache = generate.prefill(cfg, params, tokens[:, :13], cache, chunk=5, block=8)  # 5 + 5 + 3 (padded)
     cached = [np.asarray(last)]
     for t in range(13, 24):  # one token at a time
-        logits, cache = generate.extend(cfg, params, jnp.asarray(tokens[:, t:t + 1]), cache, 1)
+        logits, cache = generate.extend(cfg, params, jnp.asarray(tokens[:, t:t + 1]), cache, 1, block=8)
         cached.append(np.asarray(logits[:, 0]))
     cached = np.stack(cached[:-1], axis=1)
     scale = np.abs(full).max()
@@ -87,10 +88,35 @@ def test_left_padded_batch_equals_each_prompt_alone():
     rng = np.random.default_rng(2)
     prompts = [list(rng.integers(3, cfg.vocab_size, n)) for n in (7, 12, 9)]
     batch, start = generate.left_pad(prompts)
-    together = generate.generate(cfg, params, batch, 10, chunk=4, start_B=start)
+    together = generate.generate(cfg, params, batch, 10, chunk=4, start_B=start, block=4)  # padding-only blocks
     for row, prompt in enumerate(prompts):
         alone = generate.generate(cfg, params, np.asarray([prompt], np.int32), 10, chunk=4)
         assert together[row, -10:].tolist() == alone[0, -10:].tolist()
+
+
+def test_block_skipping_computes_the_causal_blocks_only(monkeypatch):
+    """Counted key-block visits of a 256-token prefill in chunks of 32 against a 256-slot cache in blocks of
+    32, per layer: the 8 chunks see 1, 2, ..., 8 blocks (36) with skipping, 8 each (64) without; with 64 slots
+    of left padding the first two blocks are never computed. Same logits."""
+    cfg, params = _model()
+    tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (1, 256)).astype(np.int32)
+    calls = []
+    block_update = generate._block_update
+    monkeypatch.setattr(generate, "_block_update", lambda *a: calls.append(1) or block_update(*a))
+
+    def visits(skip, start=None):
+        calls.clear()
+        with jax.disable_jit():  # the block loop runs in Python, one call per block computed
+            logits, _ = generate.prefill(cfg, params, tokens, generate.init_cache(cfg, 1, 256, start), chunk=32,
+                                         block=32, skip=skip)
+        return len(calls) // cfg.num_hidden_layers, np.asarray(logits)
+
+    skipped, logits = visits(True)
+    full, reference = visits(False)
+    assert (skipped, full) == (36, 64)
+    np.testing.assert_allclose(logits, reference, rtol=1e-5, atol=1e-5)
+    padded, _ = visits(True, start=[64])
+    assert padded == 36 - 3 - 2 * 6  # chunks 1, 2 (all padding) compute none; chunks 3..8 skip blocks 0 and 1
 
 
 @pytest.mark.slow
