@@ -73,8 +73,24 @@ def save_params(module: model_lib.Llama, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def load_params(directory: str | os.PathLike, **config_overrides: Any) -> model_lib.Llama:
-    """A model from a params checkpoint; `config_overrides` change run-time fields (dtype, attention, ...)."""
+def _target(abstract: model_lib.Llama, mesh: jax.sharding.Mesh | None) -> dict:
+    """The parameters' shapes with the shardings to restore into: on `mesh` by the rule table (each process
+    reads only its shards), else on the first device."""
+    from cream_jax import sharding as sharding_lib
+
+    shapes = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    if mesh is None:
+        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: single, shapes)
+    else:
+        shardings = sharding_lib.param_shardings(abstract, mesh)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def load_params(directory: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
+                **config_overrides: Any) -> model_lib.Llama:
+    """A model from a params checkpoint, on one device or in its shards on `mesh`; `config_overrides`
+    change run-time fields (dtype, attention, ...)."""
     directory = Path(directory).absolute()
     if not (directory / CONFIG_FILE).exists():
         raise CheckpointError(f"{directory} has no {CONFIG_FILE}: not a cream-jax params checkpoint "
@@ -84,9 +100,7 @@ def load_params(directory: str | os.PathLike, **config_overrides: Any) -> model_
     cfg = config_from_json((directory / CONFIG_FILE).read_text(), **config_overrides)
     abstract = model_lib.abstract(cfg)
     graphdef, state = nnx.split(abstract)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    target = _target(abstract, mesh)
     with _checkpointer(target) as ckptr:
         try:
             params = ckptr.restore(directory / PARAMS_DIR, args=ocp.args.PyTreeRestore(
@@ -185,15 +199,15 @@ def read_meta(run_dir: str | os.PathLike, step: int | None = None) -> tuple[int,
     return step, json.loads(meta_file.read_text())
 
 
-def load_train_params(run_dir: str | os.PathLike, step: int | None = None) -> tuple[model_lib.Llama, int]:
-    """The model of a run's train checkpoint (newest, or `step`) on one device, with the run's RoPE/EABF."""
+def load_train_params(run_dir: str | os.PathLike, step: int | None = None,
+                      mesh: jax.sharding.Mesh | None = None) -> tuple[model_lib.Llama, int]:
+    """The model of a run's train checkpoint (newest, or `step`) on one device or in its shards on `mesh`,
+    with the run's RoPE/EABF."""
     step, meta = read_meta(run_dir, step)
     cfg = LlamaConfig(**meta["model_config"])
     abstract = model_lib.abstract(cfg)
     graphdef, state = nnx.split(abstract)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    target = _target(abstract, mesh)
     # create=False and never a save, rather than read_only=True: Orbax warns about read-only managers
     manager = ocp.CheckpointManager(Path(run_dir).absolute() / CHECKPOINTS_DIR, item_names=ITEMS,
                                     options=ocp.CheckpointManagerOptions(create=False))

@@ -21,10 +21,12 @@ bucket) into --out, and prints the table.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import sys
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,10 +51,10 @@ PPL_MODES = ("documents", "sliding")
 SHAPE_MULTIPLE = 64  # prompts and caches are padded to multiples of this: prompts of similar length share compiles
 
 
-def load(args: argparse.Namespace) -> tuple:
+def load(args: argparse.Namespace, mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> tuple:
     """(config, params, tokenizer, label) from --ckpt (a train run or params checkpoint) or --hf (a Hugging
-    Face directory). The tokenizer is resolved and checked against the model's config before any weight is
-    read."""
+    Face directory), on one device or in their shards on `mesh`. The tokenizer is resolved and checked
+    against the model's config before any weight is read."""
     from flax import nnx
 
     from cream_jax import load as load_lib
@@ -66,8 +68,21 @@ def load(args: argparse.Namespace) -> tuple:
         spec = load_lib.run_tokenizer(source) if kind == "run" else source
     tok = tok_lib.resolve(spec)
     tok_lib.check_vocab(tok, config.vocab_size)
-    module, label = load_lib.load_model(source, step, progress=True)
+    if mesh is not None:  # before any weight is read
+        check_mesh(config, mesh)
+    module, label = load_lib.load_model(source, step, progress=progress, mesh=mesh)
     return module.config, nnx.to_pure_dict(nnx.state(module, nnx.Param)), tok, label
+
+
+def check_mesh(cfg: LlamaConfig, mesh: jax.sharding.Mesh) -> None:
+    """The model's heads (queries, and the cache's kv heads) must divide by the mesh's `tensor` axis."""
+    from cream_jax.sharding import MeshError
+
+    tensor = mesh.shape.get("tensor", 1)
+    for name in ("num_attention_heads", "num_key_value_heads"):
+        if getattr(cfg, name) % tensor:
+            raise MeshError(f"model {name}={getattr(cfg, name)} is not divisible by --mesh tensor={tensor}; "
+                            f"use a tensor size that divides it (the rest of the devices on data or fsdp)")
 
 
 def make_examples(task: str, tok: Tokenizer, *, lengths: Sequence[int] = (), depths: Sequence[float] = (),
@@ -115,34 +130,69 @@ def _scorer(example: tasks.Example):
     return tasks.answer_tokens(task), lambda text: tasks.score(task, text, example.answer)
 
 
+def _row_multiple() -> int:
+    """Batch rows must divide by the active mesh's batch axes (`data` x `fsdp`); 1 without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+
+
+def _padded_rows(rows: list, multiple: int) -> list:
+    """`rows` with its last one repeated up to a multiple of `multiple` (the copies' results are dropped)."""
+    return rows + rows[-1:] * (-len(rows) % multiple)
+
+
+def generation_batches(examples: Sequence[tasks.Example], batch: int) -> list[list[int]]:
+    """The example indices of each generation batch: prompts with the same number of new tokens, in order of
+    length, `batch` at a time. Fixed by the examples alone, so a resumed run computes the same batches."""
+    groups = defaultdict(list)  # new tokens -> example indices
+    for i, ex in enumerate(examples):
+        groups[_scorer(ex)[0]].append(i)
+    out = []
+    for _, group in sorted(groups.items()):
+        group = sorted(group, key=lambda i: len(examples[i].ids))
+        out += [group[i:i + batch] for i in range(0, len(group), batch)]
+    return out
+
+
 def run_generation(cfg: LlamaConfig, params: dict, tok: Tokenizer, examples: Sequence[tasks.Example], batch: int,
-                   chunk: int, progress: bool = True) -> list:
-    """Greedy answers for `examples`, `batch` prompts at a time: prompts with the same number of new tokens,
-    in order of length, left-padded together. A continuation ends at the first EOS (as generate() stops there
-    in the references); the rest is not scored."""
+                   chunk: int, progress: bool = True, finished: np.ndarray | None = None,
+                   record: Callable[[list[dict]], None] | None = None, stop: Callable[[], bool] | None = None) -> list:
+    """Greedy answers for `examples` (`generation_batches`), left-padded together; a continuation ends at the
+    first EOS (as generate() stops there in the references); the rest is not scored. Each row carries its
+    example's index as `key`.
+
+    Resuming: batches whose examples are all `finished` are skipped; `record` receives each batch's rows as it
+    ends; `stop()` (e.g. SIGTERM seen) is asked after each batch and ends the run early."""
     from tqdm.auto import tqdm
 
-    groups = defaultdict(list)  # new tokens -> [(example, its scorer)]
-    for ex in examples:
-        new, score = _scorer(ex)
-        groups[new].append((ex, score))
+    finished = np.zeros(len(examples), bool) if finished is None else finished
+    multiple = _row_multiple()
     rows = []
     bar = tqdm(total=len(examples), desc=examples[0].meta["task"] if examples else "", unit="prompt",
-               disable=not progress)
-    for new, group in sorted(groups.items()):
-        group = sorted(group, key=lambda pair: len(pair[0].ids))
-        for i in range(0, len(group), batch):
-            part = group[i:i + batch]
-            prompts, start = generate.left_pad([ex.ids for ex, _ in part], multiple=SHAPE_MULTIPLE)
-            max_len = -(-(prompts.shape[1] + new) // SHAPE_MULTIPLE) * SHAPE_MULTIPLE
-            out = generate.generate(cfg, params, prompts, new, chunk=chunk, start_B=start, max_len=max_len,
-                                    stop_token=tok.eos_id)
-            for (ex, score), row in zip(part, out[:, prompts.shape[1]:]):
-                row = list(row)
-                text = tok.decode(row[:row.index(tok.eos_id)] if tok.eos_id in row else row)
-                rows.append({**ex.meta, "tokens": len(ex.ids), "answer": ex.answer, "output": text,
-                             "score": float(score(text))})
-            bar.update(len(part))
+               disable=not progress, initial=int(finished.sum()))
+    for part in generation_batches(examples, batch):
+        if finished[part].all():
+            continue
+        new, _ = _scorer(examples[part[0]])
+        padded = _padded_rows(part, multiple)
+        prompts, start = generate.left_pad([examples[i].ids for i in padded], multiple=SHAPE_MULTIPLE)
+        max_len = -(-(prompts.shape[1] + new) // SHAPE_MULTIPLE) * SHAPE_MULTIPLE
+        out = generate.generate(cfg, params, prompts, new, chunk=chunk, start_B=start, max_len=max_len,
+                                stop_token=tok.eos_id)
+        batch_rows = []
+        for i, row in zip(part, out[:len(part), prompts.shape[1]:]):
+            ex, (_, score) = examples[i], _scorer(examples[i])
+            row = list(row)
+            text = tok.decode(row[:row.index(tok.eos_id)] if tok.eos_id in row else row)
+            if not finished[i]:
+                batch_rows.append({"key": i, **ex.meta, "tokens": len(ex.ids), "answer": ex.answer,
+                                   "output": text, "score": float(score(text))})
+        rows += batch_rows
+        if record:
+            record(batch_rows)
+        bar.update(int((~finished[part]).sum()))
+        if stop and stop():
+            break
     bar.close()
     return rows
 
@@ -167,33 +217,42 @@ def _ruler_tasks() -> tuple[str, ...]:
     return ruler.TASKS
 
 
-def sequence_nll(cfg: LlamaConfig, params: dict, ids: Sequence[int] | np.ndarray, chunk: int) -> np.ndarray:
-    """Negative log-likelihood of each next token of one sequence [T - 1], fed through the KV cache in chunks
-    (memory for one chunk's scores, not T x T): the same values as one forward pass over the sequence, dynamic
-    NTK RoPE included (every chunk is rotated for the whole sequence's length)."""
-    ids = np.asarray(ids, np.int32)[None]
-    T = ids.shape[1]
-    cache = generate.init_cache(cfg, 1, T)
-    logp = []
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def _chunk_nll(cfg: LlamaConfig, params: dict, tokens_BxC: jax.Array, cache: generate.KVCache, num_new: int,
+               seq_len: int, targets_BxC: jax.Array) -> tuple[jax.Array, generate.KVCache]:
+    """One chunk through the cache, and the NLL [B, C] of each next token `targets_BxC` (computed where the
+    logits are, so no [B, C, V] array leaves the devices)."""
+    logits, cache = generate._extend(cfg, params, tokens_BxC, cache, num_new, seq_len, "all",
+                                     generate.DEFAULT_BLOCK, True)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, targets_BxC[..., None], axis=-1)[..., 0], cache
+
+
+def batch_nll(cfg: LlamaConfig, params: dict, ids_BxT: np.ndarray, chunk: int) -> np.ndarray:
+    """Negative log-likelihood of each next token of B sequences of one length [B, T - 1], fed through the KV
+    cache in chunks (memory for one chunk, not T x T): the same values as one forward pass over each sequence,
+    dynamic NTK RoPE included (every chunk is rotated for the whole sequence's length)."""
+    ids_BxT = np.asarray(ids_BxT, np.int32)
+    B, T = ids_BxT.shape
+    targets_BxT = np.pad(ids_BxT[:, 1:], ((0, 0), (0, 1)))
+    cache = generate.init_cache(cfg, B, T)
+    nll = []
     for s in range(0, T, chunk):
-        piece = ids[:, s:s + chunk]
-        logits, cache = generate.extend(cfg, params, jnp.asarray(piece), cache, piece.shape[1], T)
-        logp.append(np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)))
-    logp = np.concatenate(logp)[:-1]
-    return -logp[np.arange(T - 1), ids[0, 1:]]
+        piece = ids_BxT[:, s:s + chunk]
+        out, cache = _chunk_nll(cfg, params, generate._inputs(piece), cache, piece.shape[1], T,
+                                generate._inputs(targets_BxT[:, s:s + chunk]))
+        nll.append(generate.to_host(out))
+    return np.concatenate(nll, axis=1)[:, :T - 1]
 
 
-def perplexity(cfg: LlamaConfig, params: dict, tok: Tokenizer, docs: list[str], lengths: Sequence[int], *,
-               mode: str = "documents", count: int = 4,
-               chunk: int = 512, buckets: int = 8, progress: bool = True) -> list[dict]:
-    """Perplexity per length T, and per position bucket (T / buckets positions each).
+def sequence_nll(cfg: LlamaConfig, params: dict, ids: Sequence[int] | np.ndarray, chunk: int) -> np.ndarray:
+    """`batch_nll` of one sequence [T - 1]."""
+    return batch_nll(cfg, params, np.asarray(ids, np.int32)[None], chunk)[0]
 
-    mode "documents" (CREAM's eval_ppl): the first `count` documents with at least max(lengths) - 1 tokens,
-    each evaluated on its own as BOS then its first T - 1 tokens; the perplexity is exp of the mean NLL over
-    documents and positions. mode "sliding": `count` consecutive windows of T tokens over the concatenated
-    documents (each BOS, text, EOS), stride T."""
-    from tqdm.auto import tqdm
 
+def ppl_sequences(tok: Tokenizer, docs: list[str], lengths: Sequence[int], mode: str = "documents",
+                  count: int = 4) -> list[tuple[int, np.ndarray]]:
+    """(T, token ids) of every sequence perplexity is measured on, by length (`perplexity` says how)."""
     if mode not in PPL_MODES:
         raise tasks.TaskError(f"unknown perplexity mode {mode!r}; allowed: {', '.join(PPL_MODES)}")
     encoded = tok.encode(docs, bos=False, eos=False) if mode == "documents" else tok.encode(docs)
@@ -204,29 +263,85 @@ def perplexity(cfg: LlamaConfig, params: dict, tok: Tokenizer, docs: list[str], 
             raise tasks.TaskError(f"no document has the {need} tokens that length {max(lengths)} needs (the "
                                   f"longest has {max(map(len, encoded), default=0)}); use shorter --lengths, "
                                   f"another --corpus, or --ppl_mode sliding")
-        sequences = {T: [[tok.bos_id] + d[:T - 1] for d in long_docs] for T in lengths}
-    else:
-        stream = np.concatenate([np.asarray(x, np.int32) for x in encoded])
-        for T in lengths:
-            if count * T > len(stream):
-                raise tasks.TaskError(f"the corpus has {len(stream)} tokens: too few for {count} windows of {T}; "
-                                      f"use fewer --windows or shorter --lengths")
-        sequences = {T: [stream[w * T:(w + 1) * T] for w in range(count)] for T in lengths}
-    out = []
-    bar = tqdm(total=sum(map(len, sequences.values())), desc=f"ppl ({mode})", unit="sequence",
-               disable=not progress)
-    for T, seqs in sequences.items():
-        nll = np.zeros(T - 1)
-        for seq in seqs:
-            nll += sequence_nll(cfg, params, seq, chunk)
-            bar.update(1)
-        nll /= len(seqs)
-        edges = np.linspace(0, T - 1, buckets + 1).astype(int)
-        out.append({"length": T, "mode": mode, "sequences": len(seqs), "ppl": float(np.exp(nll.mean())),
-                    "bucket_ppl": [float(np.exp(nll[a:b].mean())) for a, b in zip(edges[:-1], edges[1:])],
-                    "bucket_edges": edges.tolist()})
+        return [(T, np.asarray([tok.bos_id] + d[:T - 1], np.int32)) for T in lengths for d in long_docs]
+    stream = np.concatenate([np.asarray(x, np.int32) for x in encoded])
+    for T in lengths:
+        if count * T > len(stream):
+            raise tasks.TaskError(f"the corpus has {len(stream)} tokens: too few for {count} windows of {T}; "
+                                  f"use fewer --windows or shorter --lengths")
+    return [(T, stream[w * T:(w + 1) * T]) for T in lengths for w in range(count)]
+
+
+def _bucket_edges(T: int, buckets: int) -> list[int]:
+    return np.linspace(0, T - 1, buckets + 1).astype(int).tolist()
+
+
+def perplexity_rows(cfg: LlamaConfig, params: dict, sequences: Sequence[tuple[int, np.ndarray]], *, batch: int = 8,
+                    chunk: int = 512, buckets: int = 8, progress: bool = True, mode: str = "documents",
+                    finished: np.ndarray | None = None, record: Callable[[list[dict]], None] | None = None,
+                    stop: Callable[[], bool] | None = None) -> list[dict]:
+    """A row per sequence (key: its index): its length and the summed NLL and token count of each position
+    bucket. Sequences of one length go `batch` at a time; `finished`, `record`, `stop` as `run_generation`."""
+    from tqdm.auto import tqdm
+
+    finished = np.zeros(len(sequences), bool) if finished is None else finished
+    multiple = _row_multiple()
+    by_length = defaultdict(list)
+    for i, (T, _) in enumerate(sequences):
+        by_length[T].append(i)
+    rows = []
+    bar = tqdm(total=len(sequences), desc=f"ppl ({mode})", unit="sequence", disable=not progress,
+               initial=int(finished.sum()))
+    for T, keys in by_length.items():
+        edges = _bucket_edges(T, buckets)
+        for b in range(0, len(keys), batch):
+            part = keys[b:b + batch]
+            if finished[part].all():
+                continue
+            padded = _padded_rows(part, multiple)
+            nll = batch_nll(cfg, params, np.stack([sequences[i][1] for i in padded]), chunk)
+            batch_rows = [{"key": i, "length": T, "mode": mode,
+                           "bucket_nll": [float(nll[r, x:y].sum()) for x, y in zip(edges[:-1], edges[1:])],
+                           "bucket_tokens": [y - x for x, y in zip(edges[:-1], edges[1:])]}
+                          for r, i in enumerate(part) if not finished[i]]
+            rows += batch_rows
+            if record:
+                record(batch_rows)
+            bar.update(len(batch_rows))
+            if stop and stop():
+                bar.close()
+                return rows
     bar.close()
+    return rows
+
+
+def ppl_summary(rows: Sequence[dict], buckets: int = 8) -> list[dict]:
+    """Per length: exp of the mean NLL over sequences and positions, and per position bucket."""
+    out = []
+    for T in dict.fromkeys(r["length"] for r in rows):
+        mine = [r for r in rows if r["length"] == T]
+        sums = np.sum([r["bucket_nll"] for r in mine], axis=0)
+        tokens = np.sum([r["bucket_tokens"] for r in mine], axis=0)
+        out.append({"length": T, "mode": mine[0]["mode"], "sequences": len(mine),
+                    "ppl": float(np.exp(sums.sum() / tokens.sum())),
+                    "bucket_ppl": [float(np.exp(x / n)) for x, n in zip(sums, tokens)],
+                    "bucket_edges": _bucket_edges(T, buckets)})
     return out
+
+
+def perplexity(cfg: LlamaConfig, params: dict, tok: Tokenizer, docs: list[str], lengths: Sequence[int], *,
+               mode: str = "documents", count: int = 4, batch: int = 8,
+               chunk: int = 512, buckets: int = 8, progress: bool = True) -> list[dict]:
+    """Perplexity per length T, and per position bucket (T / buckets positions each).
+
+    mode "documents" (CREAM's eval_ppl): the first `count` documents with at least max(lengths) - 1 tokens,
+    each evaluated on its own as BOS then its first T - 1 tokens; the perplexity is exp of the mean NLL over
+    documents and positions. mode "sliding": `count` consecutive windows of T tokens over the concatenated
+    documents (each BOS, text, EOS), stride T."""
+    sequences = ppl_sequences(tok, docs, lengths, mode, count)
+    rows = perplexity_rows(cfg, params, sequences, batch=batch, chunk=chunk, buckets=buckets, progress=progress,
+                           mode=mode)
+    return ppl_summary(rows, buckets)
 
 
 def table(task: str, summary: list[dict]) -> str:
@@ -346,12 +461,32 @@ def _ints(text: str, flag: str) -> list[int]:
         raise tasks.TaskError(f"{flag}={text!r} must be comma-separated integers, e.g. {flag}=4096,8192") from None
 
 
+# The arguments that decide an evaluation's results: a rerun into the same --out must repeat them (the mesh and
+# the processes may change: sharded and single-device runs give the same results).
+RESULT_ARGUMENTS = ("ckpt", "hf", "step", "tokenizer", "task", "lengths", "depths", "keys", "lines", "ruler_tasks",
+                    "chat", "samples", "corpus", "ppl_mode", "documents", "windows", "batch", "chunk", "seed")
+
+
+def make_mesh(text: str) -> jax.sharding.Mesh | None:
+    """--mesh as a mesh of every device of every process, or None for one device. `auto`: the whole machine
+    on TPU and GPU and across processes, the batch over `data` and the parameters and cache over `tensor` (as
+    many as divide the kv heads: see `--mesh`); one device on a single CPU process."""
+    from cream_jax import sharding
+
+    if text == "auto":
+        if jax.process_count() == 1 and jax.devices()[0].platform == "cpu":
+            return None
+        text = "data=1,fsdp=-1,tensor=1"
+    return sharding.make_mesh(sharding.parse_mesh(text, flag="--mesh"))
+
+
 def main(argv: list[str] | None = None) -> int:
     from cream_jax.platform import use_local_backends
 
     use_local_backends()  # before jax starts its backends
     p = cli.ArgumentParser("cream_jax.evaluate", description=__doc__.split("\n")[0],
-                                epilog="docs/evaluation.md: each task's reference, prompt and metric.")
+                           epilog="docs/evaluation.md: each task's reference, prompt and metric; resuming and "
+                                  "meshes are described there too.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="a train run directory (its newest or --step checkpoint)")
     src.add_argument("--hf", help="a Hugging Face model directory")
@@ -378,11 +513,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk (tokens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/eval")
+    p.add_argument("--mesh", default="auto", help="data=D,fsdp=F,tensor=T over every device (one may be -1: the "
+                   "rest), as training's mesh.*: parameters over fsdp and tensor, the KV cache's kv heads over "
+                   "tensor, the batch over data and fsdp; auto: one device on a CPU, else data=1,fsdp=-1,tensor=1")
+    p.add_argument("--coordinator_address", default=None, help="multi-host: host:port of process 0 (jax.distributed)")
+    p.add_argument("--num_processes", type=int, default=None, help="multi-host: number of processes")
+    p.add_argument("--process_id", type=int, default=None, help="multi-host: this process's index")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() with no arguments (TPU pods)")
     a = p.parse_args(argv)
     try:  # every input is checked before the model loads
+        from cream_jax import sharding
+        from cream_jax.preemption import Preemption
+        from cream_jax.results import Results, finished_mask, ordered
+
         out = files.output_dir(a.out)
         lengths, keys, lines = _ints(a.lengths, "--lengths"), _ints(a.keys, "--keys"), _ints(a.lines, "--lines")
         depths = _depths(a.depths)
+        if a.mesh != "auto":
+            sharding.parse_mesh(a.mesh, flag="--mesh")
         if a.step is not None and not a.ckpt:
             raise tasks.TaskError(f"--step={a.step} picks a checkpoint of --ckpt (a train run); --hf has one model")
         chat = None if a.chat == "none" else a.chat
@@ -404,21 +553,40 @@ def main(argv: list[str] | None = None) -> int:
             from cream_jax.data import sources
 
             corpus_files = sources.resolve_files(a.corpus)  # a bad corpus fails here, before the model loads
-        cfg, params, tok, label = load(a)
-        if a.task == "ppl":
-            docs = list(sources.read_documents(corpus_files))
-            count = a.documents if a.ppl_mode == "documents" else a.windows
-            rows = summary = perplexity(cfg, params, tok, docs, lengths, mode=a.ppl_mode, count=count,
-                                        chunk=a.chunk)
-        else:
-            examples = make_examples(a.task, tok, lengths=lengths, depths=depths,
-                                     keys=keys, lines=lines, subtasks=subtasks, samples=a.samples, seed=a.seed,
-                                     corpus=a.corpus, chat=chat)
-            rows = run_generation(cfg, params, tok, examples, a.batch, a.chunk)
-            summary = summarize(a.task, rows)
+        sharding.init_distributed(a.coordinator_address, a.num_processes, a.process_id, force=a.distributed)
+        lead = jax.process_index() == 0
+        results = Results(out, a.task, {k: getattr(a, k) for k in RESULT_ARGUMENTS})
+        done = results.open()  # refuses another evaluation's results before the model loads
+        mesh = make_mesh(a.mesh)
+        cfg, params, tok, label = load(a, mesh, progress=lead)
+        preemption = Preemption()
+        batches = iter(range(1, 1 << 62))
+        common = dict(progress=lead, record=results.append, stop=lambda: preemption.reached(next(batches)))
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            if a.task == "ppl":
+                docs = list(sources.read_documents(corpus_files))
+                count = a.documents if a.ppl_mode == "documents" else a.windows
+                items = ppl_sequences(tok, docs, lengths, a.ppl_mode, count)
+                new = perplexity_rows(cfg, params, items, batch=a.batch, chunk=a.chunk, mode=a.ppl_mode,
+                                      finished=finished_mask(done, len(items)), **common)
+            else:
+                items = make_examples(a.task, tok, lengths=lengths, depths=depths,
+                                      keys=keys, lines=lines, subtasks=subtasks, samples=a.samples, seed=a.seed,
+                                      corpus=a.corpus, chat=chat)
+                new = run_generation(cfg, params, tok, items, a.batch, a.chunk,
+                                     finished=finished_mask(done, len(items)), **common)
+        preemption.close()
     except (CreamError, FileNotFoundError, ValueError) as e:
         return cli.report(e)
-    out.mkdir(parents=True, exist_ok=True)
+    done.update({r["key"]: r for r in new})
+    if not lead:
+        return 0
+    if len(done) < len(items):
+        print(f"stopped (SIGTERM) with {len(done)} of {len(items)} {'sequences' if a.task == 'ppl' else 'examples'} "
+              f"in {results.rows_path}; rerun the same command to finish", file=sys.stderr)
+        return 0
+    rows = ordered(done, range(len(items)))
+    summary = ppl_summary(rows) if a.task == "ppl" else summarize(a.task, rows)
     if a.task == "ppl":  # which text the numbers are about
         label = f"{label}, on {a.corpus} ({a.ppl_mode})"
     md = table(a.task, summary)

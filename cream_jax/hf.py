@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -268,9 +269,13 @@ def read_config(path: str | os.PathLike, **overrides: Any) -> LlamaConfig:
     return config_from_hf(json.loads((path / "config.json").read_text()), **overrides)
 
 
-def load_hf(path: str | os.PathLike, progress: bool = True, **config_overrides: Any) -> model_lib.Llama:
+def load_hf(path: str | os.PathLike, progress: bool = True, mesh: jax.sharding.Mesh | None = None,
+            **config_overrides: Any) -> model_lib.Llama:
     """A transformers Llama directory as our NNX model; `config_overrides` are LlamaConfig fields
-    (e.g. `param_dtype="bfloat16"`, `attention="blockwise"`, `rope={"type": "linear", "factor": 8}`)."""
+    (e.g. `param_dtype="bfloat16"`, `attention="blockwise"`, `rope={"type": "linear", "factor": 8}`).
+
+    On `mesh` every parameter goes straight into its shards by the rule table: the host holds one
+    parameter (all layers of one projection) at a time, and each process puts only its own devices' parts."""
     path = Path(path)
     cfg = read_config(path, **config_overrides)
     files = _SafetensorsDir(path)
@@ -278,6 +283,11 @@ def load_hf(path: str | os.PathLike, progress: bool = True, **config_overrides: 
     abstract = model_lib.abstract(cfg)
     graphdef, state = nnx.split(abstract)
     leaves = _param_leaves(nnx.state(abstract, nnx.Param))
+    shardings = {}
+    if mesh is not None:
+        from cream_jax.sharding import param_shardings
+
+        shardings = traverse_util.flatten_dict(param_shardings(abstract, mesh))
     values = {}
     for path_, leaf in tqdm(leaves, desc=f"loading {path.name}", disable=not progress, unit="tensor"):
         shape, dtype = leaf.value.shape, leaf.value.dtype
@@ -288,7 +298,10 @@ def load_hf(path: str | os.PathLike, progress: bool = True, **config_overrides: 
                 host[i] = from_hf_layout(path_, files.get(name.format(i=i)), shape[1:]).astype(dtype)
         else:
             host = from_hf_layout(path_, files.get(name), shape).astype(dtype)
-        values[path_] = jnp.asarray(host)
+        if mesh is None:
+            values[path_] = jnp.asarray(host)
+        else:
+            values[path_] = jax.make_array_from_callback(shape, shardings[path_], lambda index, h=host: h[index])
         del host
     nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(values))
     return nnx.merge(graphdef, state)

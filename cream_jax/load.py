@@ -59,20 +59,21 @@ def read_config(path: str | Path, step: int | None = None) -> tuple[LlamaConfig,
 
 
 def load_model(path: str | Path, step: int | None = None, progress: bool = True,
-               **config_overrides: Any) -> tuple[Llama, str]:
-    """(the model on one device, a label saying what was loaded) from any source; `step` picks a train
-    run's checkpoint (default: the newest) and is refused for the other sources."""
+               mesh: jax.sharding.Mesh | None = None, **config_overrides: Any) -> tuple[Llama, str]:
+    """(the model, a label saying what was loaded) from any source, on one device or in its shards on
+    `mesh` (never whole on one device or host); `step` picks a train run's checkpoint (default: the newest)
+    and is refused for the other sources."""
     from cream_jax import checkpoint, hf
 
     kind = source_kind(path)
     if step is not None and kind != "run":
         raise SourceError(f"a step ({step}) applies to train runs; {str(path)!r} is a {KINDS[kind]}.")
     if kind == "run":
-        module, step = checkpoint.load_train_params(path, step)
+        module, step = checkpoint.load_train_params(path, step, mesh)
         return module, f"{path} step {step}"
     if kind == "params":
-        return checkpoint.load_params(path, **config_overrides), str(path)
-    return hf.load_hf(path, progress=progress, **config_overrides), str(path)
+        return checkpoint.load_params(path, mesh, **config_overrides), str(path)
+    return hf.load_hf(path, progress=progress, mesh=mesh, **config_overrides), str(path)
 
 
 def run_tokenizer(run_dir: str | Path) -> str:

@@ -79,6 +79,17 @@ def param_specs(module: nnx.Module, rules: Mapping[str, str | tuple[str, ...] | 
                         is_leaf=lambda x: isinstance(x, tuple))
 
 
+def param_shardings(module: nnx.Module, mesh: jax.sharding.Mesh) -> dict:
+    """NamedShardings of a (possibly abstract) module's parameters on `mesh`, by the rule table, after
+    checking that every sharded dimension divides by its mesh axes."""
+    specs = param_specs(module, mesh_axes=mesh.axis_names)
+    from flax import nnx
+
+    shapes = nnx.to_pure_dict(nnx.state(module, nnx.Param))
+    check_divisible(shapes, specs, mesh)
+    return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
 class MeshError(CreamError, ValueError):
     """A mesh shape or a divisibility requirement is wrong; the message names the field."""
 
@@ -102,6 +113,23 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
         raise MeshError(f"mesh {dict(zip(MESH_AXES, shape))} has {math.prod(shape)} devices but {num_devices} are "
                         f"available; make mesh.data * mesh.fsdp * mesh.tensor = {num_devices} (or set one to -1).")
     return tuple(shape)
+
+
+def parse_mesh(text: str, flag: str = "--mesh") -> dict[str, int]:
+    """`data=1,fsdp=-1,tensor=4` as {axis: size}; an axis left out is 1."""
+    sizes = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        name, _, value = part.partition("=")
+        try:
+            sizes[name.strip()] = int(value)
+        except ValueError:
+            raise MeshError(f"{flag}={text!r}: {part!r} is not axis=size; write e.g. {flag}=data=1,fsdp=-1,tensor=4"
+                            ) from None
+    unknown = sorted(set(sizes) - set(MESH_AXES))
+    if unknown or not sizes:
+        raise MeshError(f"{flag}={text!r}: the mesh axes are {', '.join(MESH_AXES)}; write e.g. "
+                        f"{flag}=data=1,fsdp=-1,tensor=4")
+    return sizes
 
 
 def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
