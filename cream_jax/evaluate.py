@@ -51,26 +51,32 @@ PPL_MODES = ("documents", "sliding")
 SHAPE_MULTIPLE = 64  # prompts and caches are padded to multiples of this: prompts of similar length share compiles
 
 
-def load(args: argparse.Namespace, mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> tuple:
-    """(config, params, tokenizer, label) from --ckpt (a train run or params checkpoint) or --hf (a Hugging
-    Face directory), on one device or in their shards on `mesh`. The tokenizer is resolved and checked
-    against the model's config before any weight is read."""
-    from flax import nnx
-
+def check_source(args: argparse.Namespace, mesh: jax.sharding.Mesh | None = None) -> Tokenizer:
+    """The tokenizer of --ckpt / --hf (or --tokenizer), checked against the model's config and the model
+    against the mesh: everything about the source that can be wrong, read without its weights."""
     from cream_jax import load as load_lib
     from cream_jax.data import tokenizer as tok_lib
 
     source = args.ckpt or args.hf
-    step = args.step if args.ckpt else None
-    config, kind = load_lib.read_config(source, step)
-    spec = args.tokenizer
-    if not spec:
-        spec = load_lib.run_tokenizer(source) if kind == "run" else source
+    config, kind = load_lib.read_config(source, args.step if args.ckpt else None)
+    spec = args.tokenizer or (load_lib.run_tokenizer(source) if kind == "run" else source)
     tok = tok_lib.resolve(spec)
     tok_lib.check_vocab(tok, config.vocab_size)
-    if mesh is not None:  # before any weight is read
+    if mesh is not None:
         check_mesh(config, mesh)
-    module, label = load_lib.load_model(source, step, progress=progress, mesh=mesh)
+    return tok
+
+
+def load(args: argparse.Namespace, mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> tuple:
+    """(config, params, tokenizer, label) from --ckpt (a train run or params checkpoint) or --hf (a Hugging
+    Face directory), on one device or in their shards on `mesh`, after `check_source`."""
+    from flax import nnx
+
+    from cream_jax import load as load_lib
+
+    tok = check_source(args, mesh)
+    module, label = load_lib.load_model(args.ckpt or args.hf, args.step if args.ckpt else None, progress=progress,
+                                        mesh=mesh)
     return module.config, nnx.to_pure_dict(nnx.state(module, nnx.Param)), tok, label
 
 
@@ -555,9 +561,10 @@ def main(argv: list[str] | None = None) -> int:
             corpus_files = sources.resolve_files(a.corpus)  # a bad corpus fails here, before the model loads
         sharding.init_distributed(a.coordinator_address, a.num_processes, a.process_id, force=a.distributed)
         lead = jax.process_index() == 0
+        mesh = make_mesh(a.mesh)
+        check_source(a, mesh)
         results = Results(out, a.task, {k: getattr(a, k) for k in RESULT_ARGUMENTS})
         done = results.open()  # refuses another evaluation's results before the model loads
-        mesh = make_mesh(a.mesh)
         cfg, params, tok, label = load(a, mesh, progress=lead)
         preemption = Preemption()
         batches = iter(range(1, 1 << 62))

@@ -106,6 +106,16 @@ def test_ruler_on_tiny_cream_checkpoint(tmp_path, capsys):
     assert sorted(r["subtask"] for r in rows) == sorted(ruler.TASKS)
     assert all(0 <= r["score"] <= 1 and r["tokens"] <= 2048 for r in rows)
     assert _image_renders(out / "ruler.png")
+    # the run's checkpoint restored straight into shards on a mesh holds the same weights
+    from cream_jax import load as load_lib
+    from cream_jax import sharding
+
+    whole, _ = load_lib.load_model(tmp_path / "run", progress=False)
+    sharded, _ = load_lib.load_model(tmp_path / "run", progress=False,
+                                     mesh=sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, jax.devices()[:4]))
+    k_proj = sharded.model.layers.self_attn.k_proj.weight.value
+    assert k_proj.sharding.spec[1:3] == ("fsdp", "tensor")  # [layers, embed, kv heads, head_dim]
+    np.testing.assert_array_equal(np.asarray(k_proj), np.asarray(whole.model.layers.self_attn.k_proj.weight.value))
 
 
 @pytest.mark.torch

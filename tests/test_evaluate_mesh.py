@@ -48,7 +48,7 @@ def _evaluate(path, tok, mesh_sizes):
     module, _ = load_lib.load_model(path, progress=False, mesh=mesh)
     params = nnx.to_pure_dict(nnx.state(module, nnx.Param))
     cfg = module.config
-    examples = evaluate.make_examples("passkey", tok, lengths=[300, 600], depths=[0.0, 0.5, 1.0], samples=1)
+    examples = evaluate.make_examples("passkey", tok, lengths=[400], depths=[0.0, 0.5, 1.0], samples=2)
     sequences = [(256, np.random.default_rng(i).integers(3, 1000, 256).astype(np.int32)) for i in range(3)]
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         answers = evaluate.run_generation(cfg, params, tok, examples, batch=4, chunk=128, progress=False)
@@ -59,11 +59,15 @@ def _evaluate(path, tok, mesh_sizes):
 
 
 @pytest.mark.slow
-def test_meshes_give_one_devices_answers_and_perplexities(exported):
+def test_meshes_give_one_devices_answers_and_perplexities(exported, tmp_path):
+    """From the HF directory and from a params checkpoint of it, loaded straight into shards."""
+    from cream_jax import checkpoint
+
     tok, path = exported
     answers, ppl = _evaluate(path, tok, None)
-    for sizes in MESHES:
-        got_answers, got_ppl = _evaluate(path, tok, sizes)
+    params_checkpoint = checkpoint.save_params(load_lib.load_model(path, progress=False)[0], tmp_path / "params")
+    for sizes, source in zip(MESHES, [path, params_checkpoint, path]):
+        got_answers, got_ppl = _evaluate(source, tok, sizes)
         assert got_answers == answers, sizes
         for a, b in zip(got_ppl, ppl):
             np.testing.assert_allclose(a["bucket_ppl"], b["bucket_ppl"], rtol=1e-5)
