@@ -1,16 +1,26 @@
-"""Generation with a KV cache: chunked prefill and one-token decode steps, greedy or sampled.
+"""Generation with a KV cache: chunked prefill and a compiled decode loop, greedy or sampled.
 
     cache = init_cache(cfg, batch=1, max_len=4096)
     logits, cache = prefill(cfg, params, prompt_BxS, cache, chunk=512)    # long prompts in chunks
-    tokens = generate(cfg, params, prompt_BxS, max_new_tokens=32)          # greedy; temperature > 0 samples
+    tokens, n, cache = decode(cfg, params, logits, cache, steps=32)        # one dispatch for every new token
+    tokens = generate(cfg, params, prompt_BxS, max_new_tokens=32)          # both; temperature > 0 samples
 
-On a mesh (`jax.set_mesh`) the cache is sharded over kv heads on the `tensor` axis and over the batch on
-`data`/`fsdp`, by the same rule table as training. Slot t of the cache holds the token at absolute position t;
-RoPE (every scaling type) and EABF's query scale use that position, exactly as a full forward pass over the
-whole sequence does; dynamic NTK RoPE scales for the whole prompt's length in every prefill chunk and grows
-with each decoded token, as transformers' `generate` does. A chunk of C new tokens attends to the cached
-slots before it and causally within itself, so the prefill of a long prompt needs memory for one chunk's
-C x max_len scores, not the prompt's S x S.
+Slot t of the cache holds the token at absolute position t; RoPE (every scaling type) and EABF's query scale
+use that position, exactly as a full forward pass over the whole sequence does; dynamic NTK RoPE scales for
+the whole prompt's length in every prefill chunk and grows with each decoded token, as transformers'
+`generate` does.
+
+Attention against the cache is flash-style (`cached_attention`): the keys are read in blocks of `block` slots
+with an online softmax, so a chunk of C tokens needs O(C x block) memory per layer instead of C x max_len, and
+blocks that no query of the call can see are never computed: those entirely after the chunk (the causal
+half of a prefill's work; a decode step reads only the filled slots) and those entirely in every row's left
+padding. The whole cache is carried through the layer scan and each layer writes its C new slots in place.
+A prefill computes the vocabulary projection of its last token only.
+
+On a mesh (`jax.set_mesh`) the cache is created in its shards (`cache_sharding`: kv heads over `tensor`,
+the batch over `data` and `fsdp`, by the rule table of training), and the token ids are given to every
+process whole, so the same calls run on one device, a slice, or every host of a pod (each process running
+the same program).
 """
 
 from __future__ import annotations
