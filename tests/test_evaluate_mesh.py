@@ -51,8 +51,8 @@ def _evaluate(path, tok, mesh_sizes):
     examples = evaluate.make_examples("passkey", tok, lengths=[400], depths=[0.0, 0.5, 1.0], samples=2)
     sequences = [(256, np.random.default_rng(i).integers(3, 1000, 256).astype(np.int32)) for i in range(3)]
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        answers = evaluate.run_generation(cfg, params, tok, examples, batch=4, chunk=128, progress=False)
-        ppl = evaluate.perplexity_rows(cfg, params, sequences, batch=2, chunk=96, progress=False)
+        answers = evaluate.run_generation(cfg, params, tok, examples, batch=6, chunk=512, progress=False)
+        ppl = evaluate.perplexity_rows(cfg, params, sequences, batch=3, chunk=256, progress=False)
     if mesh is not None and mesh.shape["tensor"] > 1:  # the weights really are in shards
         assert "tensor" in str(params["model"]["layers"]["self_attn"]["k_proj"]["weight"].sharding.spec)
     return [r["output"] for r in answers], evaluate.ppl_summary(ppl)
@@ -74,28 +74,38 @@ def test_meshes_give_one_devices_answers_and_perplexities(exported, tmp_path):
             assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-5)
 
 
-def _cli(out, path, *extra, devices=8, task="ppl"):
+TASK_ARGS = {"ppl": ["--lengths=192", "--ppl_mode=sliding", "--windows=4"],
+             "passkey": ["--lengths=200,400", "--depths=0,1", "--samples=3"]}
+
+
+def _cli(out, path, *extra, devices=8, task="ppl", task_args=None):
     args = [f"--hf={path}", f"--task={task}", f"--out={out}", "--batch=2", "--chunk=64", "--mesh=data=2,fsdp=1,tensor=4"]
-    args += ["--lengths=192", "--ppl_mode=sliding", "--windows=4"] if task == "ppl" else [
-        "--lengths=200,400", "--depths=0,1", "--samples=3"]
+    args += TASK_ARGS[task] if task_args is None else task_args
     return subprocess.Popen([sys.executable, "-m", "cream_jax.evaluate", *args, *extra], env=cli_env(devices=devices),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.mark.slow
-def test_two_processes_give_one_process_table(tmp_path):
-    tok = _export(tmp_path / "model", **MODELS["gqa"])
-    single = _cli(tmp_path / "single", tmp_path / "model")
-    assert single.wait(timeout=300) == 0, single.stdout.read()[-3000:]
-    port = _free_port()
-    procs = [_cli(tmp_path / "multi", tmp_path / "model", f"--coordinator_address=localhost:{port}",
-                  "--num_processes=2", f"--process_id={i}", devices=4) for i in range(2)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
-    a = json.loads((tmp_path / "single" / "ppl.json").read_text())["summary"]
-    b = json.loads((tmp_path / "multi" / "ppl.json").read_text())["summary"]
-    assert [x["ppl"] for x in a] == pytest.approx([x["ppl"] for x in b], rel=1e-5)
-    del tok
+def test_two_processes_give_one_process_tables(tmp_path):
+    """Generation (passkey) and perplexity, 4 devices in each of two processes against 8 in one."""
+    _export(tmp_path / "model", **MODELS["gqa"])
+    runs = {"passkey": ["--lengths=200", "--depths=0,1", "--samples=1"], "ppl": TASK_ARGS["ppl"]}
+    for task, task_args in runs.items():
+        single = _cli(tmp_path / "single", tmp_path / "model", task=task, task_args=task_args)
+        assert single.wait(timeout=300) == 0, single.stdout.read()[-3000:]
+        port = _free_port()
+        procs = [_cli(tmp_path / "multi", tmp_path / "model", f"--coordinator_address=localhost:{port}",
+                      "--num_processes=2", f"--process_id={i}", devices=4, task=task, task_args=task_args)
+                 for i in range(2)]
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+        a = json.loads((tmp_path / "single" / f"{task}.json").read_text())
+        b = json.loads((tmp_path / "multi" / f"{task}.json").read_text())
+        if task == "ppl":
+            assert [x["ppl"] for x in a["summary"]] == pytest.approx([x["ppl"] for x in b["summary"]], rel=1e-5)
+        else:
+            assert [r["output"] for r in a["rows"]] == [r["output"] for r in b["rows"]]
+        assert "wrote" in outs[0] and "wrote" not in outs[1]  # process 0 alone writes the results
 
 
 def _wait_for_rows(path, count, proc, timeout=240):
