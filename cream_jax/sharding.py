@@ -87,7 +87,8 @@ def param_shardings(module: nnx.Module, mesh: jax.sharding.Mesh) -> dict:
 
     shapes = nnx.to_pure_dict(nnx.state(module, nnx.Param))
     check_divisible(shapes, specs, mesh)
-    return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 class MeshError(CreamError, ValueError):

@@ -66,7 +66,8 @@ def torch_and_transformers():
 # (--no-loadscope-reorder). Longest first (worker seconds on 2 cores; `make test` with
 # PYTEST_ADDOPTS=--durations=0 prints them), so that no long file is left to run alone at the end; the rest
 # keep their default order.
-LONGEST_FIRST = ["test_plan.py", "test_checkpoint.py", "test_evaluate_mesh.py", "test_attention.py", "test_bench.py", "test_train.py",
+LONGEST_FIRST = ["test_plan.py", "test_checkpoint.py", "test_evaluate_mesh.py", "test_attention.py", "test_bench.py",
+                 "test_train.py",
                  "test_data.py", "test_demo.py", "test_launch.py", "test_evaluate.py", "test_model.py",
                  "test_convert.py", "test_generate.py"]
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from cream_jax import evaluate, generate, sharding
+from cream_jax import evaluate, sharding
 from cream_jax import load as load_lib
 from cream_jax.data import tokenizer as tok_lib
 from helpers import cli_env
@@ -79,7 +79,8 @@ TASK_ARGS = {"ppl": ["--lengths=192", "--ppl_mode=sliding", "--windows=4"],
 
 
 def _cli(out, path, *extra, devices=8, task="ppl", task_args=None):
-    args = [f"--hf={path}", f"--task={task}", f"--out={out}", "--batch=2", "--chunk=64", "--mesh=data=2,fsdp=1,tensor=4"]
+    args = [f"--hf={path}", f"--task={task}", f"--out={out}", "--batch=2", "--chunk=64",
+            "--mesh=data=2,fsdp=1,tensor=4"]
     args += TASK_ARGS[task] if task_args is None else task_args
     return subprocess.Popen([sys.executable, "-m", "cream_jax.evaluate", *args, *extra], env=cli_env(devices=devices),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
