@@ -40,7 +40,6 @@ import dataclasses
 import json
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -113,29 +112,24 @@ def _abstract_inputs(c: ml_collections.ConfigDict, cfg, mesh):
     return built.fn, (state, batch, step)
 
 
-def compile_step(c: ml_collections.ConfigDict, cfg: LlamaConfig, mesh: jax.sharding.Mesh,
-                 compiler_options: dict | None = None) -> jax.stages.Compiled:
+def _lower_step(c: ml_collections.ConfigDict, cfg: LlamaConfig, mesh: jax.sharding.Mesh) -> jax.stages.Lowered:
     fn, args = _abstract_inputs(c, cfg.replace(platform=mesh.devices.flat[0].platform), mesh)
     with jax.set_mesh(mesh):
-        return fn.trace(*args).lower().compile(compiler_options)
+        return fn.trace(*args).lower()
+
+
+def compile_step(c: ml_collections.ConfigDict, cfg: LlamaConfig, mesh: jax.sharding.Mesh,
+                 compiler_options: dict | None = None) -> jax.stages.Compiled:
+    return _lower_step(c, cfg, mesh).compile(compiler_options)
 
 
 def compile_step_with_hlo(c: ml_collections.ConfigDict, cfg: LlamaConfig, mesh: jax.sharding.Mesh,
                           compiler_options: dict | None = None) -> tuple[jax.stages.Compiled, str]:
-    """`compile_step` and the optimised HLO text, as the compiler itself dumps it: `compiled.as_text()`
-    fails on some TPU modules (jaxlib cannot parse back libtpu's async-update instructions)."""
-    with tempfile.TemporaryDirectory() as dump:
-        compiled = compile_step(c, cfg, mesh, {**(compiler_options or {}), "xla_dump_to": dump,
-                                               "xla_dump_hlo_as_text": True})
-        texts = list(Path(dump).glob("*jit_train_step*.after_optimizations.txt"))
-        if len(texts) != 1:
-            raise RuntimeError(f"expected one optimised HLO dump of the train step in {dump}, found {texts}")
-        return compiled, texts[0].read_text()
+    """`compile_step` and the optimised HLO text, as the compiler itself dumps it (`tpu.compile_with_hlo`)."""
+    return tpu.compile_with_hlo(_lower_step(c, cfg, mesh), "train_step", compiler_options)
 
 
-def while_loops(hlo: str) -> list[str]:
-    """The while loops in optimised HLO text, by their condition computations' names."""
-    return re.findall(r" while\(.*?condition=%?([\w.-]+)", hlo)
+while_loops = tpu.while_loops  # the while loops in optimised HLO text, by their condition computations' names
 
 
 def _backend(cfg, platform: str) -> str:

@@ -102,14 +102,14 @@ def test_suggests_a_remat_policy_that_fits(monkeypatch):
     full = plan.plan(c_full, "v5p-8", per_device_batch=8, with_cost=False)
     assert full.temporaries_gib < none.temporaries_gib
     capacity = (full.total_gib + none.total_gib) / 2  # a chip on which only recomputation fits
-    monkeypatch.setitem(flops.CHIPS, "v5p", flops.Chip(capacity, 459e12, ("TPU v5p",)))
+    monkeypatch.setitem(flops.CHIPS, "v5p", flops.Chip(capacity, 459e12, ("TPU v5p",), 2765e9))
     remat, accum = plan.suggest(c, "v5p-8", per_device_batch=8)
     assert remat in ("save_proj", "save_attention", "full") and accum == 1
 
 
 @pytest.mark.slow
 def test_a_plan_that_does_not_fit_is_not_costed(monkeypatch):
-    monkeypatch.setitem(flops.CHIPS, "v5p", flops.Chip(1e-6, 459e12, ("TPU v5p",)))
+    monkeypatch.setitem(flops.CHIPS, "v5p", flops.Chip(1e-6, 459e12, ("TPU v5p",), 2765e9))
     monkeypatch.setattr(plan, "_cost", lambda *a: pytest.fail("cost compiles for a step that cannot run"))
     c = tiny_plan_config()
     c.model.attention = "dot_product"
