@@ -27,25 +27,29 @@ passes them (the activations are constrained to the batch axes inside). It repor
 How the time is estimated. XLA's cost analysis counts a while loop's body once, and both programs are
 loops: a `lax.scan` over the layers, and in each layer `cached_attention`'s `fori_loop` over key blocks,
 whose bounds depend on the traced `cache.length` (a chunk attends to the blocks up to its own last token).
-So the cost figures (the compiler's `optimal_seconds` and FLOPs, per chip) come from extra compiles of the
-same function, `generate._extend` with the same shapes and shardings, with its loops unrolled
-(`unrolled_extend_loops`): the layer scan as a Python loop over 1 or 2 layers, the block loop as a Python
-loop over exactly 1 or 2 key blocks. With `outside` the work outside the layers (embedding, RoPE tables,
-final norm and the last token's logits), `layer` a layer without its key blocks (projections, MLP, norms,
-cache writes, the collectives of the tensor-sharded matmuls) and `block` one key block's online-softmax
-update (`generate._block_update`, its slice of the cache and its mask), three compiles give
+A compile of the real program reports one layer with one key block. So the cost figures (the compiler's
+`optimal_seconds`, FLOPs and bytes, per chip) come from three more compiles of the same function,
+`generate._extend`, with the same shapes, shardings and layer scan, in which `cost_loops` makes the block
+loop a Python loop over exactly 1 or 2 blocks and puts u layers in each iteration of the scan (`unroll`, u
+the least divisor of the layer count above 1). With `outside` the work outside the layer loop (embedding,
+RoPE tables, final norm, the last token's logits, and any copy of the whole cache the compiler makes),
+`layer` a layer without its key blocks (projections, MLP, norms, cache writes, the collectives of the
+tensor-sharded matmuls) and `block` one key block's online-softmax update (`generate._block_update`, its
+slice of the cache and its mask):
 
-    cost(1 layer, 1 block)  = outside + layer + block
-    cost(2 layers, 1 block) = outside + 2 (layer + block)
-    cost(1 layer, 2 blocks) = outside + layer + 2 block
+    cost(1 block,  1 layer per iteration)  = outside + layer + block
+    cost(2 blocks, 1 layer per iteration)  = outside + layer + 2 block
+    cost(1 block,  u layers per iteration) = outside + u (layer + block)
 
 and a program visiting n blocks in each of L layers costs outside + L (layer + n block). Prefill chunk i
 (0-based, no left padding) visits ceil((i + 1) C / block) blocks (`generate.block_range`), so a prompt costs
 (length / C) (outside + L layer) + L block x (the sum of those counts); the decode step at a full cache
-visits them all. A compile of the real program, loops and all, would report one layer and one block; a cost
-compile with a loop left in it is an error. The loop's own overhead per iteration (its counter and
-carries) is not in these figures. The cost compiles turn off XLA's collective matmuls (as the train
-planner's do: loops over the shards on larger meshes).
+visits them all. A cost compile with the block loop left in it is an error. The TPU compiler copies the
+cache into another layout for the attention in some programs and not in others (`cache_copies` counts the
+whole-cache copies in the optimised HLO); where the real program makes copies the cost compiles do not,
+they are added at HBM bandwidth. Not in the figures: the loop's own overhead per iteration (its counter and
+carries). The cost compiles turn off XLA's collective matmuls (as the train planner's do: loops over the
+shards on larger meshes).
 
 libtpu refuses to compile a program whose temporaries exceed HBM: such a batch does not fit, with the
 temporaries the compiler named.
@@ -56,10 +60,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -69,8 +76,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cream_jax import cli, generate, sharding, tpu
 from cream_jax import flops as flops_lib
-from cream_jax import generate, sharding, tpu
 from cream_jax import model as model_lib
 from cream_jax import train_config as tc
 from cream_jax.config import LlamaConfig
@@ -115,6 +122,7 @@ class Parts:
     outside: Cost
     layer: Cost
     block: Cost
+    cache_copies: int = 0  # whole-cache layout copies in `outside` (`cache_copies`)
 
     def total(self, layers: int, blocks_per_layer: float) -> Cost:
         return self.outside + layers * (self.layer + blocks_per_layer * self.block)
@@ -142,6 +150,8 @@ class EvalPlan:
     code_gib: float | None
     prefill_total_gib: float | None
     decode_total_gib: float | None
+    cache_copies_prefill: int  # whole-cache (k or v) layout copies per call of the program, each read and written
+    cache_copies_decode: int
     fits: bool
     max_batch: int | None  # the largest batch whose prefill program fits (None: not searched)
     max_batch_method: str
@@ -241,31 +251,34 @@ def per_chip_bytes(tree: Any) -> int:
 
 
 def compile_extend(cfg: LlamaConfig, mesh: jax.sharding.Mesh, batch: int, chunk: int, length: int, block: int,
-                   decode: bool = False) -> jax.stages.Compiled:
-    """The real program: `generate.extend` (jitted, the cache donated) for a prefill chunk or a decode step."""
+                   decode: bool = False) -> tuple[jax.stages.Compiled, str]:
+    """The real program, `generate.extend` (jitted, the cache donated), for a prefill chunk or a decode step:
+    compiled, and its optimised HLO text."""
     params, tokens, cache, num_new, seq_len = abstract_inputs(cfg, mesh, batch, chunk, length, decode)
     with jax.set_mesh(mesh):
-        return generate.extend.trace(cfg, params, tokens, cache, num_new, seq_len, logits="last",
-                                     block=block).lower().compile()
+        lowered = generate.extend.trace(cfg, params, tokens, cache, num_new, seq_len, logits="last",
+                                        block=block).lower()
+    return tpu.compile_with_hlo(lowered, "extend")
+
+
+def cache_copies(hlo: str, cache: jax.ShapeDtypeStruct) -> int:
+    """How many copies of a whole per-chip cache array (k or v) a compiled program makes: the TPU compiler
+    copies the cache into the layout it prefers for the attention and back (each a read and a write)."""
+    dims = ",".join(map(str, cache.sharding.shard_shape(cache.shape)))
+    dtype = {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}[jnp.dtype(cache.dtype).name]
+    return len(re.findall(rf"= {dtype}\[{dims}\]\{{[^}}]*\}} copy(?:-start)?\(", hlo))
 
 
 @contextlib.contextmanager
-def unrolled_extend_loops(blocks: int) -> Iterator[None]:
-    """While tracing `generate._extend`: the layer scan as a Python loop, and `cached_attention`'s key-block
-    loop as a Python loop over exactly `blocks` blocks (0 to `blocks`), so that the compiled program has no
-    while loop and its cost analysis counts every layer and block (the module docstring). generate.py has no
-    hook for it, so the loop functions it calls are replaced for the duration: `generate.block_range`, and
-    `jax.lax.scan` and `jax.lax.fori_loop` (a Python loop only where the bounds are Python ints; anything else
-    traced meanwhile gets jax's own). Tracing only: the programs these traces compile to run nowhere."""
+def cost_loops(blocks: int, layers_per_iteration: int = 1) -> Iterator[None]:
+    """While tracing `generate._extend`: `cached_attention`'s key-block loop as a Python loop over exactly
+    `blocks` blocks (0 to `blocks`), and `layers_per_iteration` layers in each iteration of the layer scan
+    (its `unroll`), so that the cost analysis, which counts a loop's body once, counts those blocks and layers
+    (the module docstring). generate.py has no hook for it, so the functions it calls are replaced for the
+    duration: `generate.block_range`, `jax.lax.fori_loop` (a Python loop only where the bounds are Python ints;
+    any other loop traced meanwhile gets jax's own) and `jax.lax.scan` (with `unroll`). Tracing only: the
+    programs these traces compile to run nowhere."""
     scan, fori_loop, block_range = jax.lax.scan, jax.lax.fori_loop, generate.block_range
-
-    def python_scan(f, init, xs=None, length=None, **_):
-        n = length if xs is None else len(jax.tree.leaves(xs)[0])
-        ys = []
-        for i in range(n):
-            init, y = f(init, None if xs is None else jax.tree.map(lambda a: a[i], xs))
-            ys.append(y)
-        return init, (None if all(y is None for y in ys) else jax.tree.map(lambda *a: jnp.stack(a), *ys))
 
     def python_fori_loop(lower, upper, body, init, **kwargs):
         if not (isinstance(lower, int) and isinstance(upper, int)):
@@ -274,7 +287,8 @@ def unrolled_extend_loops(blocks: int) -> Iterator[None]:
             init = body(j, init)
         return init
 
-    jax.lax.scan, jax.lax.fori_loop = python_scan, python_fori_loop
+    jax.lax.scan = functools.partial(scan, unroll=layers_per_iteration)
+    jax.lax.fori_loop = python_fori_loop
     generate.block_range = lambda cache, num_tokens, block, skip=True: (0, blocks)
     try:
         yield
@@ -288,34 +302,47 @@ def _cost_of(compiled: jax.stages.Compiled) -> Cost:
 
 
 def cost_compile(cfg: LlamaConfig, mesh: jax.sharding.Mesh, batch: int, chunk: int, length: int, block: int,
-                 layers: int, blocks: int, decode: bool = False) -> Cost:
-    """Per-chip cost of `generate._extend` with `layers` layers, each visiting `blocks` key blocks, its loops
-    unrolled (`unrolled_extend_loops`); the same shapes and shardings as `compile_extend` otherwise."""
-    small = cfg.replace(num_hidden_layers=layers, eabf=dataclasses.replace(cfg.eabf, skip_layers=()))
-    args = abstract_inputs(small, mesh, batch, chunk, length, decode)
+                 blocks: int, layers_per_iteration: int = 1, decode: bool = False) -> tuple[Cost, int]:
+    """Per-chip cost of `generate._extend` as `compile_extend` compiles it (same shapes, shardings and layer
+    scan), with `blocks` key blocks unrolled in each layer and `layers_per_iteration` layers in each
+    iteration of the scan (`cost_loops`): what the cost analysis reports is the work outside the layer loop
+    plus `layers_per_iteration` x (a layer with `blocks` blocks); and the whole-cache copies it makes."""
+    args = abstract_inputs(cfg, mesh, batch, chunk, length, decode)
 
-    def extend_unrolled(params, tokens, cache, num_new, seq_len):
-        return generate._extend(small, params, tokens, cache, num_new, seq_len, "last", block, True)
+    def extend_costed(params, tokens, cache, num_new, seq_len):
+        return generate._extend(cfg, params, tokens, cache, num_new, seq_len, "last", block, True)
 
-    fn = jax.jit(extend_unrolled, donate_argnums=2)
-    with unrolled_extend_loops(blocks), jax.set_mesh(mesh):
+    fn = jax.jit(extend_costed, donate_argnums=2)
+    with cost_loops(blocks, layers_per_iteration), jax.set_mesh(mesh):
         lowered = fn.trace(*args).lower()
-    compiled, hlo = tpu.compile_with_hlo(lowered, "extend_unrolled", COST_COMPILE_OPTIONS)
-    if loops := tpu.while_loops(hlo):
-        raise RuntimeError(f"the cost compile of extend ({layers} layers, {blocks} blocks) still has {len(loops)} "
-                           f"while loop(s) ({', '.join(sorted(set(loops)))}), whose bodies XLA's cost analysis "
-                           f"counts once: the time would be too low. Has generate.py changed its loops?")
-    return _cost_of(compiled)
+    compiled, hlo = tpu.compile_with_hlo(lowered, "extend_costed", COST_COMPILE_OPTIONS)
+    if len(loops := tpu.while_loops(hlo)) > 1:
+        raise RuntimeError(f"the cost compile of extend ({blocks} key blocks, {layers_per_iteration} layers per "
+                           f"iteration) has {len(loops)} while loops ({', '.join(sorted(set(loops)))}), not just "
+                           f"the layer scan: XLA's cost analysis counts a loop's body once, so the time would be "
+                           f"too low. Has generate.py changed its loops?")
+    return _cost_of(compiled), cache_copies(hlo, args[2].k)
 
 
 def cost_parts(cfg: LlamaConfig, mesh: jax.sharding.Mesh, batch: int, chunk: int, length: int, block: int,
                decode: bool = False) -> Parts:
-    """outside, layer and block costs from three unrolled compiles (the module docstring)."""
+    """outside, layer and block costs from three compiles (the module docstring): 1 and 2 key blocks, and u
+    layers per scan iteration, u the least divisor of the layer count above 1."""
     one = functools.partial(cost_compile, cfg, mesh, batch, chunk, length, block, decode=decode)
-    c11, c21, c12 = one(layers=1, blocks=1), one(layers=2, blocks=1), one(layers=1, blocks=2)
-    block_cost = c12 - c11
-    layer_cost = c21 - c11 - block_cost
-    parts = Parts(outside=c11 - layer_cost - block_cost, layer=layer_cost, block=block_cost)
+    layers = cfg.num_hidden_layers
+    u = next((d for d in range(2, layers + 1) if layers % d == 0), 1)
+    (r11, copies), (r12, copies2) = one(blocks=1), one(blocks=2)
+    block_cost = r12 - r11
+    if u == 1:  # one layer: no loop, nothing to split from the layer
+        parts = Parts(outside=Cost(0.0, 0.0, 0.0), layer=r11 - block_cost, block=block_cost, cache_copies=copies)
+        copies3 = copies
+    else:
+        ru, copies3 = one(blocks=1, layers_per_iteration=u)
+        body = (ru - r11) * (1 / (u - 1))  # a layer and one key block
+        parts = Parts(outside=r11 - body, layer=body - block_cost, block=block_cost, cache_copies=copies)
+    if not copies == copies2 == copies3:
+        raise RuntimeError(f"the cost compiles of extend copy the whole cache {copies}, {copies2} and {copies3} "
+                           f"times: they differ, so the split into outside, layer and block would be wrong")
     if not (parts.block.seconds > 0 and parts.layer.seconds > 0 and parts.outside.seconds >= 0):
         raise RuntimeError(f"the cost compiles of extend give no consistent split ({parts}): the compiler's "
                            f"estimate does not add up over layers and key blocks here")
@@ -339,24 +366,26 @@ class Memory:
     total: int | None  # None: the compiler refused the program
     code: int | None
     refusal: str = ""
+    cache_copies: int = 0  # whole-cache copies per call (`cache_copies`)
 
 
 def program_memory(cfg: LlamaConfig, mesh: jax.sharding.Mesh, batch: int, chunk: int, length: int, block: int,
-                   decode: bool = False) -> tuple[Memory, jax.stages.Compiled | None]:
+                   decode: bool = False) -> Memory:
     """A program's per-chip HBM from the compiler: arguments + outputs not aliased to the donated cache +
     temporaries + code; where libtpu refuses it for HBM, the temporaries it named and no total."""
     try:
-        compiled = compile_extend(cfg, mesh, batch, chunk, length, block, decode)
+        compiled, hlo = compile_extend(cfg, mesh, batch, chunk, length, block, decode)
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         refusal = str(e).splitlines()[0]
         needed = re.search(r"HLO temporaries \(([\d.]+)G\)", refusal)  # XLA's G: GiB
-        return Memory(int(float(needed.group(1)) * GIB) if needed else -1, None, None, refusal), None
+        return Memory(int(float(needed.group(1)) * GIB) if needed else -1, None, None, refusal)
     m = compiled.memory_analysis()
     total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
              + m.generated_code_size_in_bytes)
-    return Memory(m.temp_size_in_bytes, total, m.generated_code_size_in_bytes), compiled
+    cache = abstract_inputs(cfg, mesh, batch, chunk, length, decode)[2]
+    return Memory(m.temp_size_in_bytes, total, m.generated_code_size_in_bytes, cache_copies=cache_copies(hlo, cache.k))
 
 
 def largest_batch(measure: Callable[[int], Memory], capacity: float, batch: int, step: int,
@@ -391,10 +420,12 @@ def largest_batch(measure: Callable[[int], Memory], capacity: float, batch: int,
             hi = n
             break
     guess, moved = (line(batch, batch + step) if hi is None else None), []
+    first_guess = guess
     while hi is None or hi - lo > step:
         if len(compiled) >= max_compiles:
-            return lo, (f"search stopped after {len(compiled)} compiles: {lo} fits" +
-                        (f", {hi} does not" if hi else ""))
+            at = ", ".join(map(str, sorted(known)))
+            return lo, f"search stopped after {len(compiled)} compiles, at batch {at}: {lo} fits" + (
+                f", {hi} does not" if hi else "")
         if hi is None and (guess is None or guess <= lo):
             guess = lo + step if guess is not None else 2 * lo  # at the line's end: is it the last that fits?
         elif hi is not None and (guess is None or not lo < guess < hi or moved[-2:] == [moved[-1]] * 2):
@@ -404,11 +435,11 @@ def largest_batch(measure: Callable[[int], Memory], capacity: float, batch: int,
         moved.append(fits)
         below = [n for n in known if n < lo and math.isfinite(total(n))]
         guess = line(lo, hi) if lo and hi else (line(max(below), lo) if lo and below else None)
+    tried = sorted(set(known) | {batch})
     if lo == 0:
-        return 0, f"batch {step} does not fit"
-    return lo, (f"extrapolated linearly from compiles at {batch} and {batch + step}, then compiled at "
-                f"{', '.join(str(n) for n in compiled if n not in (batch, batch + step))}: {lo} fits, "
-                f"{hi} does not")
+        return 0, f"compiled at batch {', '.join(map(str, tried))}: even {step} does not fit"
+    how = f"compiled at batch {', '.join(map(str, tried))}: {lo} fits, {hi} does not"
+    return lo, how + (f" (the line through {batch} and {batch + step} gave {first_guess})" if first_guess else "")
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -461,23 +492,28 @@ def plan_eval(c: ml_collections.ConfigDict, topology: str, length: int | None = 
     bandwidth = chip.hbm_bytes_per_s if chip else float("nan")
     block = min(block, length)
 
-    t0 = time.perf_counter()
-    say(f"compiling the prefill chunk program (batch {batch})")
-    prefill_mem, _ = program_memory(cfg, mesh, batch, chunk, length, block)
-    say(f"compiling the decode step program (batch {batch})")
-    decode_mem, _ = program_memory(cfg, mesh, batch, chunk, length, block, decode=True)
     params, _, cache, _, _ = abstract_inputs(cfg, mesh, batch, chunk, length)
     weights, cache_bytes = per_chip_bytes(params), per_chip_bytes((cache.k, cache.v))
+    t0 = time.perf_counter()
+    say(f"compiling the prefill chunk program (batch {batch})")
+    prefill_mem = program_memory(cfg, mesh, batch, chunk, length, block)
+    say(f"compiling the decode step program (batch {batch})")
+    decode_mem = program_memory(cfg, mesh, batch, chunk, length, block, decode=True)
     fits = all(m.total is not None and m.total <= capacity for m in (prefill_mem, decode_mem))
     for name, m in (("prefill chunk", prefill_mem), ("decode step", decode_mem)):
         if m.refusal:
             notes.append(f"the TPU compiler refused the {name} program: {m.refusal}")
+        if m.cache_copies:
+            notes.append(f"the {name} program copies the whole cache {m.cache_copies} times per call (k and v into "
+                         f"another layout, the compiler's choice for the attention, and back out): its temporaries "
+                         f"hold a second cache, and each call reads and writes "
+                         f"{m.cache_copies * cache_bytes / GIB:.3g} GiB per chip for them")
 
     max_batch, how = None, "not searched"
     if search_batch:
         def measure(n: int) -> Memory:
             say(f"compiling the prefill chunk program at batch {n} (largest batch)")
-            return program_memory(cfg, mesh, n, chunk, length, block)[0]
+            return program_memory(cfg, mesh, n, chunk, length, block)
 
         max_batch, how = largest_batch(measure, capacity, batch, rows, known={batch: prefill_mem})
         if decode_mem.total is not None and prefill_mem.total is not None and decode_mem.total <= prefill_mem.total:
@@ -493,8 +529,16 @@ def plan_eval(c: ml_collections.ConfigDict, topology: str, length: int | None = 
         say("cost compiles: decode step, 1 and 2 layers, 1 and 2 key blocks, unrolled")
         decode = cost_parts(cfg, mesh, batch, chunk, length, block, decode=True)
         n = cfg.num_hidden_layers
+        copy = Cost(cache_bytes / bandwidth, 0.0, cache_bytes)  # one array (k or v), read and written
+        for name, parts, m in (("prefill chunk", prefill, prefill_mem), ("decode step", decode, decode_mem)):
+            if extra := m.cache_copies - parts.cache_copies:  # the compiler laid the cost compiles out otherwise
+                parts.outside, parts.cache_copies = parts.outside + extra * copy, m.cache_copies
+                notes.append(f"the {name} cost compiles copy the whole cache {m.cache_copies - extra} times, the "
+                             f"program itself {m.cache_copies}: {extra:+d} copies at HBM bandwidth added")
         prefill_cost = len(blocks) * (prefill.outside + n * prefill.layer) + n * sum(blocks) * prefill.block
         decode_cost = decode.total(n, decode_blocks)
+        notes.append(f"not in the estimates: the key-block loop's own overhead per iteration ({n * sum(blocks)} "
+                     f"iterations per prefill, {n * decode_blocks} per decode step)")
     compile_seconds = time.perf_counter() - t0
 
     model_flops = batch * flops_lib.prefill_flops(cfg, length) / chips
@@ -517,6 +561,7 @@ def plan_eval(c: ml_collections.ConfigDict, topology: str, length: int | None = 
         code_gib=None if prefill_mem.code is None else prefill_mem.code / GIB,
         prefill_total_gib=None if prefill_mem.total is None else prefill_mem.total / GIB,
         decode_total_gib=None if decode_mem.total is None else decode_mem.total / GIB,
+        cache_copies_prefill=prefill_mem.cache_copies, cache_copies_decode=decode_mem.cache_copies,
         fits=fits, max_batch=max_batch, max_batch_method=how,
         prefill_chunks=len(blocks), prefill_blocks_visited=sum(blocks), prefill_seconds=prefill_s,
         prefill_flop_floor_seconds=prefill_floor,
@@ -584,11 +629,12 @@ def time_table(p: EvalPlan, chip: flops_lib.Chip | None = None) -> str:
     layers = p.layers
     lines = ["| part | count | est. time | share | FLOPs at peak | bytes at HBM bandwidth |",
              "|---|---|---|---|---|---|"]
-    for program, parts, counts, unit, scale in (
+    for program, parts, counts, copies, unit, scale in (
             ("prefill", p.prefill_parts, {"outside": p.prefill_chunks, "layer": p.prefill_chunks * layers,
-                                          "block": p.prefill_blocks_visited * layers}, "s", 1.0),
+                                          "block": p.prefill_blocks_visited * layers},
+             p.cache_copies_prefill * p.prefill_chunks, "s", 1.0),
             ("decode", p.decode_parts, {"outside": 1, "layer": layers, "block": p.decode_blocks_visited * layers},
-             "ms", 1e3)):
+             p.cache_copies_decode, "ms", 1e3)):
         total = sum(parts[k]["seconds"] * n for k, n in counts.items())
         for key, label in (("outside", "outside the layers"), ("layer", "a layer without attention"),
                            ("block", "a key block")):
@@ -597,5 +643,28 @@ def time_table(p: EvalPlan, chip: flops_lib.Chip | None = None) -> str:
             at_bandwidth = cost["bytes"] * n / chip.hbm_bytes_per_s * scale
             lines.append(f"| {program}: {label} | {n} | {cost['seconds'] * n * scale:.4g} {unit} | "
                          f"{cost['seconds'] * n / total:.1%} | {at_peak:.4g} {unit} | {at_bandwidth:.4g} {unit} |")
+            if key == "outside" and copies:  # a read and a write of one cache array (k or v) each
+                seconds = copies * p.cache_gib * GIB / chip.hbm_bytes_per_s
+                lines.append(f"| {program}: of which whole-cache layout copies | {copies} | {seconds * scale:.4g} "
+                             f"{unit} | {seconds / total:.1%} | 0 | {seconds * scale:.4g} {unit} |")
     return "\n".join(lines)
 
+
+def run(c: ml_collections.ConfigDict, topology: str, *, json_path: str | None = None, **options: Any) -> int:
+    """The `--eval` CLI: plan, print the tables and notes (progress on stderr), write JSON; 2 for a mistake."""
+    try:
+        p = plan_eval(c, topology, progress=lambda what: print(f"planning {c.get('name', '')}: {what}",
+                                                                 file=sys.stderr, flush=True), **options)
+    except (CreamError, RuntimeError) as e:
+        return cli.report(e)
+    print(table([p]))
+    if p.max_batch is not None:
+        print(f"\nlargest batch: {p.max_batch_method}")
+    if where := time_table(p):
+        print(f"\nWhere the time goes (per chip; counts are of each part's executions, key blocks per layer):\n"
+              f"{where}")
+    for note in p.notes:
+        print(f"note: {note}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(dataclasses.asdict(p), indent=2) + "\n")
+    return 0
