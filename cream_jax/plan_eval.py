@@ -505,8 +505,8 @@ def plan_eval(c: ml_collections.ConfigDict, topology: str, length: int | None = 
             notes.append(f"the TPU compiler refused the {name} program: {m.refusal}")
         if m.cache_copies:
             notes.append(f"the {name} program copies the whole cache {m.cache_copies} times per call (k and v into "
-                         f"another layout, the compiler's choice for the attention, and back out): its temporaries "
-                         f"hold a second cache, and each call reads and writes "
+                         f"another layout, the compiler's choice for the attention, and back out; the temporaries "
+                         f"hold them), and each call reads and writes "
                          f"{m.cache_copies * cache_bytes / GIB:.3g} GiB per chip for them")
 
     max_batch, how = None, "not searched"
