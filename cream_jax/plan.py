@@ -421,7 +421,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
                       "and decode step against a cache of --length slots (cream_jax/plan_eval.py)")
     flags.DEFINE_integer("length", None, "--eval: the context, in cache slots (default: the recipe's "
                          "train.target_length)")
-    flags.DEFINE_integer("chunk", plan_eval.DEFAULT_CHUNK, "--eval: prefill tokens per chunk (evaluate's --chunk)")
+    flags.DEFINE_integer("chunk", None, f"--eval: prefill tokens per chunk (evaluate's --chunk; default "
+                         f"{plan_eval.DEFAULT_CHUNK}, or --length if shorter)")
     flags.DEFINE_integer("block", plan_eval.generate.DEFAULT_BLOCK, "--eval: cache slots per attention key block")
     flags.DEFINE_integer("batch", None, "--eval: sequences (default: one per batch shard, mesh.data * mesh.fsdp)")
     flags.DEFINE_bool("max_batch", True, "--eval: also find the largest batch that fits (a few more compiles)")

@@ -468,16 +468,18 @@ def decode_floor_bytes(cfg: LlamaConfig, mesh: jax.sharding.Mesh, batch: int, le
     return weights + per_chip_bytes((cache.k, cache.v))
 
 
-def plan_eval(c: ml_collections.ConfigDict, topology: str, length: int | None = None, chunk: int = DEFAULT_CHUNK,
+def plan_eval(c: ml_collections.ConfigDict, topology: str, length: int | None = None, chunk: int | None = None,
               batch: int | None = None, block: int = generate.DEFAULT_BLOCK, mesh_sizes: dict | None = None,
               search_batch: bool = True, with_cost: bool = True, progress: Any = None) -> EvalPlan:
     """The evaluation plan of recipe `c` on `topology` (the module docstring); `mesh_sizes` replaces the default
-    eval mesh (`default_mesh`), `batch` defaults to one row per batch shard, `length` to the recipe's target."""
+    eval mesh (`default_mesh`), `batch` defaults to one row per batch shard, `length` to the recipe's target,
+    `chunk` to DEFAULT_CHUNK or the length if shorter."""
     say = progress or (lambda _: None)
     devices = tpu.topology_devices(topology)
     chips = len(devices)
     cfg = eval_model_config(c, devices[0].platform)
     length = length or c.train.target_length
+    chunk = chunk or min(DEFAULT_CHUNK, length)
     sizes = dict(mesh_sizes) if mesh_sizes else default_mesh(cfg, chips)
     mesh = sharding.make_mesh(sizes, devices)
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -517,16 +519,16 @@ def plan_eval(c: ml_collections.ConfigDict, topology: str, length: int | None = 
 
         max_batch, how = largest_batch(measure, capacity, batch, rows, known={batch: prefill_mem})
         if decode_mem.total is not None and prefill_mem.total is not None and decode_mem.total <= prefill_mem.total:
-            how += " (the decode step program needs less)"
+            how += "; the decode step program needs less"
 
     blocks = visited_blocks(length, chunk, block)
     decode_blocks = -(-length // block)
     prefill = decode = None
     prefill_cost = decode_cost = None
     if with_cost and fits:
-        say("cost compiles: prefill chunk, 1 and 2 layers, 1 and 2 key blocks, unrolled")
+        say("cost compiles of the prefill chunk: 1 and 2 key blocks, 1 and more layers per iteration")
         prefill = cost_parts(cfg, mesh, batch, chunk, length, block)
-        say("cost compiles: decode step, 1 and 2 layers, 1 and 2 key blocks, unrolled")
+        say("cost compiles of the decode step: 1 and 2 key blocks, 1 and more layers per iteration")
         decode = cost_parts(cfg, mesh, batch, chunk, length, block, decode=True)
         n = cfg.num_hidden_layers
         copy = Cost(cache_bytes / bandwidth, 0.0, cache_bytes)  # one array (k or v), read and written
