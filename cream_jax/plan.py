@@ -32,6 +32,9 @@ policy saves its residuals) and what they execute is added, its time at the chip
 
 libtpu refuses to compile a step whose temporaries exceed HBM; such a plan does not fit, with the
 temporaries the compiler named, and gets a suggestion like any other that does not fit.
+
+`--eval` plans an evaluation instead: the prefill chunk and decode step programs of `generate.extend`
+(`cream_jax.plan_eval`, whose docstring says how).
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ import dataclasses
 import json
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,7 +54,7 @@ import ml_collections
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cream_jax import attention, cli, sharding, tpu
+from cream_jax import attention, cli, plan_eval, sharding, tpu
 from cream_jax import flops as flops_lib
 from cream_jax import state as state_lib
 from cream_jax import step as step_lib
@@ -113,29 +115,24 @@ def _abstract_inputs(c: ml_collections.ConfigDict, cfg, mesh):
     return built.fn, (state, batch, step)
 
 
-def compile_step(c: ml_collections.ConfigDict, cfg: LlamaConfig, mesh: jax.sharding.Mesh,
-                 compiler_options: dict | None = None) -> jax.stages.Compiled:
+def _lower_step(c: ml_collections.ConfigDict, cfg: LlamaConfig, mesh: jax.sharding.Mesh) -> jax.stages.Lowered:
     fn, args = _abstract_inputs(c, cfg.replace(platform=mesh.devices.flat[0].platform), mesh)
     with jax.set_mesh(mesh):
-        return fn.trace(*args).lower().compile(compiler_options)
+        return fn.trace(*args).lower()
+
+
+def compile_step(c: ml_collections.ConfigDict, cfg: LlamaConfig, mesh: jax.sharding.Mesh,
+                 compiler_options: dict | None = None) -> jax.stages.Compiled:
+    return _lower_step(c, cfg, mesh).compile(compiler_options)
 
 
 def compile_step_with_hlo(c: ml_collections.ConfigDict, cfg: LlamaConfig, mesh: jax.sharding.Mesh,
                           compiler_options: dict | None = None) -> tuple[jax.stages.Compiled, str]:
-    """`compile_step` and the optimised HLO text, as the compiler itself dumps it: `compiled.as_text()`
-    fails on some TPU modules (jaxlib cannot parse back libtpu's async-update instructions)."""
-    with tempfile.TemporaryDirectory() as dump:
-        compiled = compile_step(c, cfg, mesh, {**(compiler_options or {}), "xla_dump_to": dump,
-                                               "xla_dump_hlo_as_text": True})
-        texts = list(Path(dump).glob("*jit_train_step*.after_optimizations.txt"))
-        if len(texts) != 1:
-            raise RuntimeError(f"expected one optimised HLO dump of the train step in {dump}, found {texts}")
-        return compiled, texts[0].read_text()
+    """`compile_step` and the optimised HLO text, as the compiler itself dumps it (`tpu.compile_with_hlo`)."""
+    return tpu.compile_with_hlo(_lower_step(c, cfg, mesh), "train_step", compiler_options)
 
 
-def while_loops(hlo: str) -> list[str]:
-    """The while loops in optimised HLO text, by their condition computations' names."""
-    return re.findall(r" while\(.*?condition=%?([\w.-]+)", hlo)
+while_loops = tpu.while_loops  # the while loops in optimised HLO text, by their condition computations' names
 
 
 def _backend(cfg, platform: str) -> str:
@@ -420,10 +417,35 @@ def main(argv: list[str] | None = None) -> NoReturn:
     flags.DEFINE_string("json", None, "write the plans as JSON here (each with its role: plan, baseline, search, "
                         "baseline search)")
     flags.DEFINE_string("dump_hlo", None, "write the optimised HLO of the step here")
+    flags.DEFINE_bool("eval", False, "plan an evaluation instead of the train step: generate.extend's prefill chunk "
+                      "and decode step against a cache of --length slots (cream_jax/plan_eval.py)")
+    flags.DEFINE_integer("length", None, "--eval: the context, in cache slots (default: the recipe's "
+                         "train.target_length)")
+    flags.DEFINE_integer("chunk", None, f"--eval: prefill tokens per chunk (evaluate's --chunk; default "
+                         f"{plan_eval.DEFAULT_CHUNK}, or --length if shorter)")
+    flags.DEFINE_integer("block", plan_eval.generate.DEFAULT_BLOCK, "--eval: cache slots per attention key block")
+    flags.DEFINE_integer("batch", None, "--eval: sequences (default: one per batch shard, mesh.data * mesh.fsdp)")
+    flags.DEFINE_bool("max_batch", True, "--eval: also find the largest batch that fits (a few more compiles)")
     flags.mark_flags_as_required(["config"])
+
+    def _eval(f) -> int:
+        train_only = [n for n in ("per_device_batch", "baseline", "search", "dump_hlo") if f[n].present]
+        if train_only:
+            return cli.report(f"--{train_only[0]} plans the train step; it does not go with --eval")
+        with f.config.unlocked():
+            f.config.name = Path(f["config"].config_filename).stem
+        overrides = config_flags.get_override_values(f["config"])
+        mesh = dict(f.config.mesh) if any(k.startswith("mesh.") for k in overrides) else None
+        return plan_eval.run(f.config, f.topology, length=f.length, chunk=f.chunk, batch=f.batch, block=f.block,
+                             mesh_sizes=mesh, search_batch=f.max_batch, json_path=f.json)
 
     def _main(_):
         f = flags.FLAGS
+        if f.eval:
+            return _eval(f)
+        eval_only = [n for n in ("length", "chunk", "block", "batch", "max_batch") if f[n].present]
+        if eval_only:
+            return cli.report(f"--{eval_only[0]} plans an evaluation; add --eval")
         recipes = [(f.config, Path(flags.FLAGS["config"].config_filename).stem, f.per_device_batch, "plan")]
         plans, searches = [], {}
         try:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import tempfile
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -90,3 +92,21 @@ def memory(compiled: jax.stages.Compiled) -> CompiledMemory:
     m = compiled.memory_analysis()
     return CompiledMemory(m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes,
                           m.generated_code_size_in_bytes)
+
+
+def compile_with_hlo(lowered: jax.stages.Lowered, module: str, compiler_options: dict | None = None
+                     ) -> tuple[jax.stages.Compiled, str]:
+    """`lowered.compile()` and the optimised HLO text of the jitted function named `module`, as the compiler
+    itself dumps it: `compiled.as_text()` fails on some TPU modules (jaxlib cannot parse back libtpu's
+    async-update instructions)."""
+    with tempfile.TemporaryDirectory() as dump:
+        compiled = lowered.compile({**(compiler_options or {}), "xla_dump_to": dump, "xla_dump_hlo_as_text": True})
+        texts = list(Path(dump).glob(f"*jit_{module}*.after_optimizations.txt"))
+        if len(texts) != 1:
+            raise RuntimeError(f"expected one optimised HLO dump of {module} in {dump}, found {texts}")
+        return compiled, texts[0].read_text()
+
+
+def while_loops(hlo: str) -> list[str]:
+    """The while loops in optimised HLO text, by their condition computations' names."""
+    return re.findall(r" while\(.*?condition=%?([\w.-]+)", hlo)

@@ -27,6 +27,10 @@ ABSL_MISTAKES = [
      "model.hidden_size=96 differs from 64"),
     ("cream_jax.plan", [TINY, "--topology=v5p-7"], "unknown TPU topology 'v5p-7'"),
     ("cream_jax.plan", [TINY, "--config.model.remt=full"], "did you mean --config.model.remat?"),
+    ("cream_jax.plan", [TINY, "--eval", "--length=1000", "--chunk=512"],
+     "--length=1000 is not a multiple of --chunk=512"),
+    ("cream_jax.plan", [TINY, "--eval", "--config.mesh.tensor=4"],
+     "num_key_value_heads=2 is not divisible by mesh.tensor=4"),
 ]
 ARGPARSE_MISTAKES = [
     ("cream_jax.evaluate", ["--hf={hf}", "--task=kv"], "--task=kv needs --keys or --lengths"),

@@ -102,14 +102,14 @@ def test_suggests_a_remat_policy_that_fits(monkeypatch):
     full = plan.plan(c_full, "v5p-8", per_device_batch=8, with_cost=False)
     assert full.temporaries_gib < none.temporaries_gib
     capacity = (full.total_gib + none.total_gib) / 2  # a chip on which only recomputation fits
-    monkeypatch.setitem(flops.CHIPS, "v5p", flops.Chip(capacity, 459e12, ("TPU v5p",)))
+    monkeypatch.setitem(flops.CHIPS, "v5p", flops.Chip(capacity, 459e12, ("TPU v5p",), 2765e9))
     remat, accum = plan.suggest(c, "v5p-8", per_device_batch=8)
     assert remat in ("save_proj", "save_attention", "full") and accum == 1
 
 
 @pytest.mark.slow
 def test_a_plan_that_does_not_fit_is_not_costed(monkeypatch):
-    monkeypatch.setitem(flops.CHIPS, "v5p", flops.Chip(1e-6, 459e12, ("TPU v5p",)))
+    monkeypatch.setitem(flops.CHIPS, "v5p", flops.Chip(1e-6, 459e12, ("TPU v5p",), 2765e9))
     monkeypatch.setattr(plan, "_cost", lambda *a: pytest.fail("cost compiles for a step that cannot run"))
     c = tiny_plan_config()
     c.model.attention = "dot_product"
@@ -207,3 +207,100 @@ def test_v4_chips_are_one_device_each():
 def test_an_unknown_topology_names_the_known_ones(name):
     with pytest.raises(tpu.TopologyError, match=rf"unknown TPU topology '{name}': use one of .*'v5p-8'"):
         tpu.topology_devices(name)
+
+
+# ----------------------------------------------------------------------------- evaluation (plan_eval)
+
+
+def _gqa_eval_config(**overrides):
+    """A small GQA model in bfloat16 for the TPU compiler: 16 query heads over 4 kv heads of 64."""
+    from cream_jax.config import LlamaConfig
+
+    fields = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=16,
+                  num_key_value_heads=4, head_dim=64, max_position_embeddings=65536, dtype="bfloat16",
+                  param_dtype="bfloat16", platform="tpu")
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def test_prefill_chunk_temporaries_grow_linearly_in_the_cache_length():
+    """The real prefill chunk program (generate.extend, AOT for one v5e chip): for a fixed chunk, its
+    temporaries grow linearly in the cache length from 8K to 64K slots, by no more than twice the cache's own
+    bytes per slot (a copy of it would be once): no chunk x cache-length score matrix, which a plain
+    softmax(q k^T) v over the cache, compiled beside it, shows."""
+    from cream_jax import plan_eval
+
+    cfg, chunk = _gqa_eval_config(), 512
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, tpu.topology_devices("v5e-1"))
+    lengths = [8192, 16384, 32768, 65536]
+    temps = [plan_eval.program_memory(cfg, mesh, 1, chunk, t, 512).temporaries for t in lengths]
+    per_slot = [(b - a) / (t1 - t0) for a, b, t0, t1 in zip(temps, temps[1:], lengths, lengths[1:])]
+    cache_per_slot = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2  # k and v, bf16
+    assert all(-0.01 * cache_per_slot <= s <= 2 * cache_per_slot for s in per_slot), (temps, per_slot)
+    assert max(per_slot) - min(per_slot) <= 0.25 * cache_per_slot, (temps, per_slot)  # equal increments
+
+    import jax
+    import jax.numpy as jnp
+
+    def naive(q, k, v):  # the scores of every query against every slot, materialised
+        s = jnp.einsum("chk,thk->hct", q, k, preferred_element_type=jnp.float32)
+        return jnp.einsum("hct,thk->chk", jax.nn.softmax(s).astype(v.dtype), v)
+
+    heads, k_dim = cfg.num_attention_heads, cfg.head_dim
+    naive_temps = [tpu.memory(tpu.compile_for_tpu(naive, jax.ShapeDtypeStruct((chunk, heads, k_dim), jnp.bfloat16),
+                                                  *[jax.ShapeDtypeStruct((t, heads, k_dim), jnp.bfloat16)] * 2,
+                                                  topology="v5e-1")).temporaries for t in lengths[1:3]]
+    assert (naive_temps[1] - naive_temps[0]) / lengths[1] > 8 * cache_per_slot  # such a program fails the check
+
+
+def test_visited_blocks_follow_the_causal_chunks():
+    from cream_jax import plan_eval
+
+    assert plan_eval.visited_blocks(4096, 1024, 512) == [2, 4, 6, 8]
+    assert plan_eval.visited_blocks(2048, 256, 512) == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert plan_eval.visited_blocks(300, 100, 512) == [1, 1, 1]  # the block is at most the cache
+
+
+def test_the_largest_batch_is_found_by_the_line_then_verified():
+    """The search's bookkeeping on stand-in compiles: linear totals need the line's guess and one more
+    compile; a total that is not linear still ends at n fits, n + step does not; a batch that never fits is 0."""
+    from cream_jax import plan_eval
+
+    def search(total, capacity, batch=1, step=1):
+        compiled = []
+
+        def measure(n):
+            compiled.append(n)
+            t = total(n)
+            return plan_eval.Memory(0, None if t is None else t, 0)
+
+        return plan_eval.largest_batch(measure, capacity, batch, step)[0], compiled
+
+    assert search(lambda n: 10 + 3 * n, 100) == (30, [1, 2, 30, 31])
+    assert search(lambda n: 10 + 3 * n, 100, batch=4, step=4) == (28, [4, 8, 28, 32])
+    found, compiled = search(lambda n: 10 + 3 * n + n // 7 * 2, 100)
+    assert found == 27 and 10 + 3 * 28 + 28 // 7 * 2 > 100 and len(compiled) <= 6
+    assert search(lambda n: None if 2 * n > 100 else 2 * n, 100) == (50, [1, 2, 50, 51])  # refused past HBM
+    assert search(lambda n: 200 * n, 100) == (0, [1])
+
+
+def test_eval_cli_prints_the_table_and_writes_json(tmp_path):
+    """`plan --eval` on a tiny recipe for one v5e chip: the memory table, the estimates beside their floors,
+    where the time goes, and the same figures as JSON, all positive."""
+    run = subprocess.run([sys.executable, "-m", "cream_jax.plan", "--eval",
+                          f"--config={ROOT / 'configs' / 'tiny_cream.py'}", "--topology=v5e-1", "--length=65536",
+                          "--chunk=2048", "--nomax_batch", f"--json={tmp_path / 'eval.json'}"], env=cli_env(),
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for row in ("| HBM KV cache |", "| HBM total: prefill chunk |", "| prefill: est. / floor |",
+                "| decode: est. / floor |", "| prefill: a key block | 4224 |", "| decode: a key block | 256 |"):
+        assert row in run.stdout, run.stdout
+    p = json.loads((tmp_path / "eval.json").read_text())
+    assert p["topology"] == "v5e-1" and p["length"] == 65536 and p["chunk"] == 2048 and p["fits"]
+    assert p["prefill_chunks"] == 32 and p["decode_blocks_visited"] == 128 and p["max_batch"] is None
+    for key in ("weights_gib", "cache_gib", "prefill_total_gib", "decode_total_gib", "prefill_seconds",
+                "prefill_flop_floor_seconds", "prefill_ratio", "decode_ms", "decode_hbm_floor_ms", "decode_ratio"):
+        assert p[key] > 0, key
+    cfg = tc.model_config(tc.load_config(ROOT / "configs" / "tiny_cream.py"))
+    cache = 2 * cfg.num_hidden_layers * 65536 * cfg.num_key_value_heads * cfg.head_dim * 2  # k and v in bfloat16
+    assert p["cache_gib"] == pytest.approx(cache / 2**30)
+    assert p["compiler_flops_prefill"] >= p["model_flops_prefill"]  # whole blocks, masked or not

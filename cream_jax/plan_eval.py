@@ -1,0 +1,672 @@
+"""Plan an evaluation before renting the TPUs: compile the real prefill and decode programs for a TPU topology.
+
+    python -m cream_jax.plan --eval --config=configs/llama2_7b_cream_256k.py --topology=v5p-8 --length=262144 \\
+        [--chunk=2048] [--block=512] [--batch=N] [--json=plan.json]
+
+The programs are `generate.extend`, the jitted function evaluation runs: one prefill chunk (C = `--chunk`
+tokens, `logits="last"`, as `generate.prefill` calls it) and one decode step (C = 1, as `generate.decode`'s
+loop runs it), each against a cache of `--length` slots, compiled from abstract shapes with their shardings
+through libtpu (no weights allocated). The model is the recipe's (its RoPE scaling and EABF) in bfloat16, as
+an evaluation loads it. The mesh: kv heads over `tensor` (by default as many chips as divide the kv heads),
+the rest of the chips over `data`, so each chip holds its rows' cache slots of its heads; `--config.mesh.*`
+sets it instead, as in training. Parameters are sharded by `sharding.param_specs`, the cache by
+`generate.cache_sharding`, the batch over `data` and `fsdp`; the token ids are replicated, as evaluation
+passes them (the activations are constrained to the batch axes inside). It reports:
+
+- per-chip HBM from the TPU compiler's `memory_analysis`: the weights and the cache (the arguments; the
+  donated cache aliases the output), each program's temporaries and code, the total against capacity;
+- the largest batch that fits: the prefill chunk program (the larger of the two) compiled at the planned
+  batch and one step more, its total extrapolated linearly to capacity, and the batch found verified by a
+  compile (stepping down, one compile each, should it not fit);
+- estimated seconds for a whole prompt's prefill (its `--length / --chunk` chunks) and ms per decoded token
+  at a context of `--length` tokens (the step that writes the cache's last slot), beside their floors:
+  the prefill's model FLOPs (`flops.prefill_flops`: causal attention) at the chips' peak, and a decode step's
+  bytes (every weight but the embedding table, of which a lookup reads one row per sequence, and the whole
+  cache, each chip its own shards) at the chip's HBM bandwidth (`flops.CHIPS`).
+
+How the time is estimated. XLA's cost analysis counts a while loop's body once, and both programs are
+loops: a `lax.scan` over the layers, and in each layer `cached_attention`'s `fori_loop` over key blocks,
+whose bounds depend on the traced `cache.length` (a chunk attends to the blocks up to its own last token).
+A compile of the real program reports one layer with one key block. So the cost figures (the compiler's
+`optimal_seconds`, FLOPs and bytes, per chip) come from three more compiles of the same function,
+`generate._extend`, with the same shapes, shardings and layer scan, in which `cost_loops` makes the block
+loop a Python loop over exactly 1 or 2 blocks and puts u layers in each iteration of the scan (`unroll`, u
+the least divisor of the layer count above 1). With `outside` the work outside the layer loop (embedding,
+RoPE tables, final norm, the last token's logits, and any copy of the whole cache the compiler makes),
+`layer` a layer without its key blocks (projections, MLP, norms, cache writes, the collectives of the
+tensor-sharded matmuls) and `block` one key block's online-softmax update (`generate._block_update`, its
+slice of the cache and its mask):
+
+    cost(1 block,  1 layer per iteration)  = outside + layer + block
+    cost(2 blocks, 1 layer per iteration)  = outside + layer + 2 block
+    cost(1 block,  u layers per iteration) = outside + u (layer + block)
+
+and a program visiting n blocks in each of L layers costs outside + L (layer + n block). Prefill chunk i
+(0-based, no left padding) visits ceil((i + 1) C / block) blocks (`generate.block_range`), so a prompt costs
+(length / C) (outside + L layer) + L block x (the sum of those counts); the decode step at a full cache
+visits them all. A cost compile with the block loop left in it is an error. The TPU compiler copies the
+cache into another layout for the attention in some programs and not in others (`cache_copies` counts the
+whole-cache copies in the optimised HLO); where the real program makes copies the cost compiles do not,
+they are added at HBM bandwidth. Not in the figures: the loop's own overhead per iteration (its counter and
+carries). The cost compiles turn off XLA's collective matmuls (as the train planner's do: loops over the
+shards on larger meshes).
+
+libtpu refuses to compile a program whose temporaries exceed HBM: such a batch does not fit, with the
+temporaries the compiler named.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cream_jax import cli, generate, sharding, tpu
+from cream_jax import flops as flops_lib
+from cream_jax import model as model_lib
+from cream_jax import train_config as tc
+from cream_jax.config import LlamaConfig
+from cream_jax.errors import CreamError
+
+GIB = 2**30
+DEFAULT_CHUNK = 2048  # prefill tokens per `extend` call (evaluate's --chunk)
+# XLA options of the cost compiles: no collective matmuls, whose loops over the shards the cost analysis would
+# count once (plan.COST_COMPILE_OPTIONS says more).
+COST_COMPILE_OPTIONS = {"xla_jf_spmd_threshold_for_windowed_einsum_mib": 1 << 30}
+
+
+class EvalPlanError(CreamError, ValueError):
+    """An evaluation plan's length, chunk, block or batch that cannot run; the message names the flag."""
+
+
+@dataclasses.dataclass
+class Cost:
+    """Per-chip cost of one part of a program, from the TPU compiler's cost analysis."""
+
+    seconds: float  # optimal_seconds
+    flops: float
+    bytes: float  # bytes accessed
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.seconds + other.seconds, self.flops + other.flops, self.bytes + other.bytes)
+
+    def __sub__(self, other: "Cost") -> "Cost":
+        return Cost(self.seconds - other.seconds, self.flops - other.flops, self.bytes - other.bytes)
+
+    def __mul__(self, n: float) -> "Cost":
+        return Cost(self.seconds * n, self.flops * n, self.bytes * n)
+
+    __rmul__ = __mul__
+
+
+@dataclasses.dataclass
+class Parts:
+    """A program's cost split as the module docstring says: outside the layers, one layer without its key
+    blocks, one key block (all per chip)."""
+
+    outside: Cost
+    layer: Cost
+    block: Cost
+    cache_copies: int = 0  # whole-cache layout copies in `outside` (`cache_copies`)
+
+    def total(self, layers: int, blocks_per_layer: float) -> Cost:
+        return self.outside + layers * (self.layer + blocks_per_layer * self.block)
+
+
+@dataclasses.dataclass
+class EvalPlan:
+    config: str
+    topology: str
+    chips: int
+    mesh: dict  # {data, fsdp, tensor}
+    params_billions: float
+    layers: int
+    dtype: str
+    rope: str
+    length: int  # cache slots: the context planned
+    chunk: int
+    block: int
+    batch: int  # sequences (all chips together)
+    hbm_capacity_gib: float
+    weights_gib: float  # per chip
+    cache_gib: float  # per chip, at `batch`
+    prefill_temporaries_gib: float | None  # None where the compiler refused the program for HBM
+    decode_temporaries_gib: float | None
+    code_gib: float | None
+    prefill_total_gib: float | None
+    decode_total_gib: float | None
+    cache_copies_prefill: int  # whole-cache (k or v) layout copies per call of the program, each read and written
+    cache_copies_decode: int
+    fits: bool
+    max_batch: int | None  # the largest batch whose prefill program fits (None: not searched)
+    max_batch_method: str
+    prefill_chunks: int
+    prefill_blocks_visited: int  # key blocks per layer, all chunks together
+    prefill_seconds: float | None  # the whole prompt (every row of the batch at once)
+    prefill_flop_floor_seconds: float
+    prefill_ratio: float | None
+    decode_blocks_visited: int
+    decode_ms: float | None  # one step at a context of `length`
+    decode_hbm_floor_ms: float
+    decode_ratio: float | None
+    model_flops_prefill: float  # per chip
+    compiler_flops_prefill: float | None  # per chip, from the parts
+    decode_bytes_floor: float  # per chip
+    compiler_bytes_decode: float | None  # per chip, from the parts
+    prefill_parts: dict | None  # {outside, layer, block}: Cost fields per chip
+    decode_parts: dict | None
+    compile_seconds: float
+    notes: list[str]
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def eval_model_config(c: ml_collections.ConfigDict, platform: str = "tpu") -> LlamaConfig:
+    """The recipe's model as an evaluation runs it: its architecture, RoPE scaling and EABF, in bfloat16."""
+    return tc.model_config(c).replace(dtype="bfloat16", param_dtype="bfloat16", platform=platform)
+
+
+def default_mesh(cfg: LlamaConfig, chips: int) -> dict[str, int]:
+    """kv heads over `tensor` on as many chips as divide them (and the chip count), the rest over `data`."""
+    tensor = max(t for t in range(1, chips + 1) if chips % t == 0 and cfg.num_key_value_heads % t == 0)
+    return {"data": chips // tensor, "fsdp": 1, "tensor": tensor}
+
+
+def check(cfg: LlamaConfig, mesh: jax.sharding.Mesh, length: int, chunk: int, block: int, batch: int) -> None:
+    """Everything that would fail later, before any compile: one EvalPlanError (or MeshError) naming the flag."""
+    for name, value in (("length", length), ("chunk", chunk), ("block", block), ("batch", batch)):
+        if value < 1:
+            raise EvalPlanError(f"--{name}={value} must be a positive integer.")
+    if length % chunk:
+        raise EvalPlanError(f"--length={length} is not a multiple of --chunk={chunk}: the prefill runs whole "
+                            f"chunks of the same shape; use --chunk={math.gcd(length, chunk)} or a length of "
+                            f"{-(-length // chunk) * chunk}.")
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch % rows:
+        raise EvalPlanError(f"--batch={batch} is not divisible by mesh.data * mesh.fsdp = {rows} (the cache's "
+                            f"rows are sharded over them); use a multiple of {rows}.")
+    for name in ("num_attention_heads", "num_key_value_heads"):
+        if getattr(cfg, name) % mesh.shape["tensor"]:
+            raise sharding.MeshError(f"model {name}={getattr(cfg, name)} is not divisible by mesh.tensor="
+                                     f"{mesh.shape['tensor']}; shard heads over a divisor of it "
+                                     f"(--config.mesh.tensor=...).")
+    shapes, specs = _param_shapes_and_specs(cfg, mesh)
+    sharding.check_divisible(shapes, specs, mesh)
+
+
+def _param_shapes_and_specs(cfg: LlamaConfig, mesh: jax.sharding.Mesh) -> tuple[dict, dict]:
+    abstract = model_lib.abstract(cfg)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(nnx.state(abstract,
+                                                                                                       nnx.Param)))
+    return shapes, sharding.param_specs(abstract, mesh_axes=mesh.axis_names)
+
+
+def abstract_inputs(cfg: LlamaConfig, mesh: jax.sharding.Mesh, batch: int, chunk: int, length: int,
+                    decode: bool = False) -> tuple:
+    """(params, tokens, cache, num_new, seq_len) as abstract shapes with their shardings, as `generate.prefill`
+    passes them to `extend` (num_new a Python int, seq_len the prompt's length as an array); for a decode step
+    (`decode`), as `generate.decode`'s loop does: one token, num_new and seq_len None."""
+    shapes, specs = _param_shapes_and_specs(cfg, mesh)
+    params = jax.tree.map(lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, p)),
+                          shapes, specs, is_leaf=lambda x: isinstance(x, P))
+    where = generate.cache_sharding(mesh)
+    kv = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    dtype = jnp.dtype(cfg.dtype)
+    cache = generate.KVCache(jax.ShapeDtypeStruct(kv, dtype, sharding=where.k),
+                             jax.ShapeDtypeStruct(kv, dtype, sharding=where.v),
+                             jax.ShapeDtypeStruct((), jnp.int32, sharding=where.length),
+                             jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=where.start))
+    replicated = NamedSharding(mesh, P())
+    tokens = jax.ShapeDtypeStruct((batch, 1 if decode else chunk), jnp.int32, sharding=replicated)
+    if decode:
+        return params, tokens, cache, None, None
+    num_new = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated, weak_type=True)
+    seq_len = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    return params, tokens, cache, num_new, seq_len
+
+
+def per_chip_bytes(tree: Any) -> int:
+    """Bytes one chip holds of a tree of abstract arrays with shardings (the first device's shard)."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree))
+
+
+# ----------------------------------------------------------------------------- compiles
+
+
+def compile_extend(cfg: LlamaConfig, mesh: jax.sharding.Mesh, batch: int, chunk: int, length: int, block: int,
+                   decode: bool = False) -> tuple[jax.stages.Compiled, str]:
+    """The real program, `generate.extend` (jitted, the cache donated), for a prefill chunk or a decode step:
+    compiled, and its optimised HLO text."""
+    params, tokens, cache, num_new, seq_len = abstract_inputs(cfg, mesh, batch, chunk, length, decode)
+    with jax.set_mesh(mesh):
+        lowered = generate.extend.trace(cfg, params, tokens, cache, num_new, seq_len, logits="last",
+                                        block=block).lower()
+    return tpu.compile_with_hlo(lowered, "extend")
+
+
+def cache_copies(hlo: str, cache: jax.ShapeDtypeStruct) -> int:
+    """How many copies of a whole per-chip cache array (k or v) a compiled program makes: the TPU compiler
+    copies the cache into the layout it prefers for the attention and back (each a read and a write)."""
+    dims = ",".join(map(str, cache.sharding.shard_shape(cache.shape)))
+    dtype = {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}[jnp.dtype(cache.dtype).name]
+    return len(re.findall(rf"= {dtype}\[{dims}\]\{{[^}}]*\}} copy(?:-start)?\(", hlo))
+
+
+@contextlib.contextmanager
+def cost_loops(blocks: int, layers_per_iteration: int = 1) -> Iterator[None]:
+    """While tracing `generate._extend`: `cached_attention`'s key-block loop as a Python loop over exactly
+    `blocks` blocks (0 to `blocks`), and `layers_per_iteration` layers in each iteration of the layer scan
+    (its `unroll`), so that the cost analysis, which counts a loop's body once, counts those blocks and layers
+    (the module docstring). generate.py has no hook for it, so the functions it calls are replaced for the
+    duration: `generate.block_range`, `jax.lax.fori_loop` (a Python loop only where the bounds are Python ints;
+    any other loop traced meanwhile gets jax's own) and `jax.lax.scan` (with `unroll`). Tracing only: the
+    programs these traces compile to run nowhere."""
+    scan, fori_loop, block_range = jax.lax.scan, jax.lax.fori_loop, generate.block_range
+
+    def python_fori_loop(lower, upper, body, init, **kwargs):
+        if not (isinstance(lower, int) and isinstance(upper, int)):
+            return fori_loop(lower, upper, body, init, **kwargs)
+        for j in range(lower, upper):
+            init = body(j, init)
+        return init
+
+    jax.lax.scan = functools.partial(scan, unroll=layers_per_iteration)
+    jax.lax.fori_loop = python_fori_loop
+    generate.block_range = lambda cache, num_tokens, block, skip=True: (0, blocks)
+    try:
+        yield
+    finally:
+        jax.lax.scan, jax.lax.fori_loop, generate.block_range = scan, fori_loop, block_range
+
+
+def _cost_of(compiled: jax.stages.Compiled) -> Cost:
+    cost = compiled.cost_analysis()
+    return Cost(cost.get("optimal_seconds", float("nan")), cost["flops"], cost.get("bytes accessed", float("nan")))
+
+
+def cost_compile(cfg: LlamaConfig, mesh: jax.sharding.Mesh, batch: int, chunk: int, length: int, block: int,
+                 blocks: int, layers_per_iteration: int = 1, decode: bool = False) -> tuple[Cost, int]:
+    """Per-chip cost of `generate._extend` as `compile_extend` compiles it (same shapes, shardings and layer
+    scan), with `blocks` key blocks unrolled in each layer and `layers_per_iteration` layers in each
+    iteration of the scan (`cost_loops`): what the cost analysis reports is the work outside the layer loop
+    plus `layers_per_iteration` x (a layer with `blocks` blocks); and the whole-cache copies it makes."""
+    args = abstract_inputs(cfg, mesh, batch, chunk, length, decode)
+
+    def extend_costed(params, tokens, cache, num_new, seq_len):
+        return generate._extend(cfg, params, tokens, cache, num_new, seq_len, "last", block, True)
+
+    fn = jax.jit(extend_costed, donate_argnums=2)
+    with cost_loops(blocks, layers_per_iteration), jax.set_mesh(mesh):
+        lowered = fn.trace(*args).lower()
+    compiled, hlo = tpu.compile_with_hlo(lowered, "extend_costed", COST_COMPILE_OPTIONS)
+    if len(loops := tpu.while_loops(hlo)) > 1:
+        raise RuntimeError(f"the cost compile of extend ({blocks} key blocks, {layers_per_iteration} layers per "
+                           f"iteration) has {len(loops)} while loops ({', '.join(sorted(set(loops)))}), not just "
+                           f"the layer scan: XLA's cost analysis counts a loop's body once, so the time would be "
+                           f"too low. Has generate.py changed its loops?")
+    return _cost_of(compiled), cache_copies(hlo, args[2].k)
+
+
+def cost_parts(cfg: LlamaConfig, mesh: jax.sharding.Mesh, batch: int, chunk: int, length: int, block: int,
+               decode: bool = False) -> Parts:
+    """outside, layer and block costs from three compiles (the module docstring): 1 and 2 key blocks, and u
+    layers per scan iteration, u the least divisor of the layer count above 1."""
+    one = functools.partial(cost_compile, cfg, mesh, batch, chunk, length, block, decode=decode)
+    layers = cfg.num_hidden_layers
+    u = next((d for d in range(2, layers + 1) if layers % d == 0), 1)
+    (r11, copies), (r12, copies2) = one(blocks=1), one(blocks=2)
+    block_cost = r12 - r11
+    if u == 1:  # one layer: no loop, nothing to split from the layer
+        parts = Parts(outside=Cost(0.0, 0.0, 0.0), layer=r11 - block_cost, block=block_cost, cache_copies=copies)
+        copies3 = copies
+    else:
+        ru, copies3 = one(blocks=1, layers_per_iteration=u)
+        body = (ru - r11) * (1 / (u - 1))  # a layer and one key block
+        parts = Parts(outside=r11 - body, layer=body - block_cost, block=block_cost, cache_copies=copies)
+    if not copies == copies2 == copies3:
+        raise RuntimeError(f"the cost compiles of extend copy the whole cache {copies}, {copies2} and {copies3} "
+                           f"times: they differ, so the split into outside, layer and block would be wrong")
+    if not (parts.block.seconds > 0 and parts.layer.seconds > 0 and parts.outside.seconds >= 0):
+        raise RuntimeError(f"the cost compiles of extend give no consistent split ({parts}): the compiler's "
+                           f"estimate does not add up over layers and key blocks here")
+    return parts
+
+
+def visited_blocks(length: int, chunk: int, block: int) -> list[int]:
+    """Key blocks per layer that each prefill chunk of a `length`-token prompt visits, from its first row's
+    slot 0 (no left padding) to its last token (`generate.block_range`)."""
+    block = min(block, length)
+    total = -(-length // block)
+    return [min(-(-((i + 1) * chunk) // block), total) for i in range(length // chunk)]
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+@dataclasses.dataclass
+class Memory:
+    temporaries: int
+    total: int | None  # None: the compiler refused the program
+    code: int | None
+    refusal: str = ""
+    cache_copies: int = 0  # whole-cache copies per call (`cache_copies`)
+
+
+def program_memory(cfg: LlamaConfig, mesh: jax.sharding.Mesh, batch: int, chunk: int, length: int, block: int,
+                   decode: bool = False) -> Memory:
+    """A program's per-chip HBM from the compiler: arguments + outputs not aliased to the donated cache +
+    temporaries + code; where libtpu refuses it for HBM, the temporaries it named and no total."""
+    try:
+        compiled, hlo = compile_extend(cfg, mesh, batch, chunk, length, block, decode)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        refusal = str(e).splitlines()[0]
+        needed = re.search(r"HLO temporaries \(([\d.]+)G\)", refusal)  # XLA's G: GiB
+        return Memory(int(float(needed.group(1)) * GIB) if needed else -1, None, None, refusal)
+    m = compiled.memory_analysis()
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+             + m.generated_code_size_in_bytes)
+    cache = abstract_inputs(cfg, mesh, batch, chunk, length, decode)[2]
+    return Memory(m.temp_size_in_bytes, total, m.generated_code_size_in_bytes, cache_copies=cache_copies(hlo, cache.k))
+
+
+def largest_batch(measure: Callable[[int], Memory], capacity: float, batch: int, step: int,
+                  known: dict[int, Memory] | None = None, max_compiles: int = 8) -> tuple[int, str]:
+    """The largest multiple of `step` whose program fits `capacity`; `measure(n)` compiles it at batch n.
+
+    The total is linear in the batch (the cache is, and the temporaries nearly): the guess is extrapolated
+    from the compiles at `batch` and `batch + step` and compiled; then, until n fits and n + step does not,
+    the next guess comes from the line through the two compiles around capacity, or halfway between them
+    where that line gives none inside. Returns (the batch, how it was found); 0 where `step` rows do not fit."""
+    known = dict(known or {})
+    compiled = []
+
+    def total(n: int) -> float:  # inf where the compiler refused the program
+        if n not in known:
+            known[n] = measure(n)
+            compiled.append(n)
+        return float("inf") if known[n].total is None else known[n].total
+
+    def line(x0: int, x1: int) -> int | None:
+        """The largest multiple of `step` at or under capacity on the line through the totals at x0 < x1."""
+        t0, t1 = total(x0), total(x1)
+        if not (math.isfinite(t0) and math.isfinite(t1) and t1 > t0):
+            return None
+        return x0 + int((capacity - t0) / ((t1 - t0) / (x1 - x0)) // step) * step
+
+    lo, hi = 0, None  # the largest batch known to fit, the smallest known not to
+    for n in (batch, batch + step):
+        if total(n) <= capacity:
+            lo = n
+        else:
+            hi = n
+            break
+    guess, moved = (line(batch, batch + step) if hi is None else None), []
+    first_guess = guess
+    while hi is None or hi - lo > step:
+        if len(compiled) >= max_compiles:
+            at = ", ".join(map(str, sorted(known)))
+            return lo, f"search stopped after {len(compiled)} compiles, at batch {at}: {lo} fits" + (
+                f", {hi} does not" if hi else "")
+        if hi is None and (guess is None or guess <= lo):
+            guess = lo + step if guess is not None else 2 * lo  # at the line's end: is it the last that fits?
+        elif hi is not None and (guess is None or not lo < guess < hi or moved[-2:] == [moved[-1]] * 2):
+            guess = max(lo + step, (lo + hi) // 2 // step * step)  # no line inside, or one end stuck: halve
+        fits = total(guess) <= capacity
+        lo, hi = (guess, hi) if fits else (lo, guess)
+        moved.append(fits)
+        below = [n for n in known if n < lo and math.isfinite(total(n))]
+        guess = line(lo, hi) if lo and hi else (line(max(below), lo) if lo and below else None)
+    tried = sorted(set(known) | {batch})
+    if lo == 0:
+        return 0, f"compiled at batch {', '.join(map(str, tried))}: even {step} does not fit"
+    how = f"compiled at batch {', '.join(map(str, tried))}: {lo} fits, {hi} does not"
+    return lo, how + (f" (the line through {batch} and {batch + step} gave {first_guess})" if first_guess else "")
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def _chip(topology: str, devices: list) -> tuple[str, flops_lib.Chip | None]:
+    generation = devices[0].device_kind.split()[-1].lower().replace("lite", "e")
+    family = next((k for k in flops_lib.CHIPS if topology.startswith(k)), None) or generation
+    return family, flops_lib.CHIPS.get(family)
+
+
+def _rope_label(cfg: LlamaConfig) -> str:
+    rope = cfg.rope
+    label = rope.type + (f" x{rope.factor:g}" if rope.factor else "") + f", theta {rope.theta:g}"
+    return label + (f", EABF (c = {cfg.eabf.base_length})" if cfg.eabf.enabled else "")
+
+
+def decode_floor_bytes(cfg: LlamaConfig, mesh: jax.sharding.Mesh, batch: int, length: int) -> int:
+    """Bytes one chip reads from HBM in a decode step at a full cache, at the least: every weight of its shards
+    but the embedding table (a lookup reads one row per sequence; with tied embeddings it is the vocabulary
+    projection, read whole) and its shards of the whole cache."""
+    params, _, cache, _, _ = abstract_inputs(cfg, mesh, batch, 1, length, decode=True)
+    weights = per_chip_bytes(params)
+    if not cfg.tie_word_embeddings:
+        weights -= per_chip_bytes(params["model"]["embed_tokens"])
+    return weights + per_chip_bytes((cache.k, cache.v))
+
+
+def plan_eval(c: ml_collections.ConfigDict, topology: str, length: int | None = None, chunk: int | None = None,
+              batch: int | None = None, block: int = generate.DEFAULT_BLOCK, mesh_sizes: dict | None = None,
+              search_batch: bool = True, with_cost: bool = True, progress: Any = None) -> EvalPlan:
+    """The evaluation plan of recipe `c` on `topology` (the module docstring); `mesh_sizes` replaces the default
+    eval mesh (`default_mesh`), `batch` defaults to one row per batch shard, `length` to the recipe's target,
+    `chunk` to DEFAULT_CHUNK or the length if shorter."""
+    say = progress or (lambda _: None)
+    devices = tpu.topology_devices(topology)
+    chips = len(devices)
+    cfg = eval_model_config(c, devices[0].platform)
+    length = length or c.train.target_length
+    chunk = chunk or min(DEFAULT_CHUNK, length)
+    sizes = dict(mesh_sizes) if mesh_sizes else default_mesh(cfg, chips)
+    mesh = sharding.make_mesh(sizes, devices)
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch = batch or rows
+    check(cfg, mesh, length, chunk, block, batch)
+    notes = []
+    if c.model.get("init_from"):
+        notes.append(f"model.init_from={c.model.init_from!r} not read: planning uses the preset's shapes")
+    family, chip = _chip(topology, devices)
+    capacity = chip.hbm_gib * GIB if chip else float("nan")
+    peak = chip.peak_flops if chip else float("nan")
+    bandwidth = chip.hbm_bytes_per_s if chip else float("nan")
+    block = min(block, length)
+
+    params, _, cache, _, _ = abstract_inputs(cfg, mesh, batch, chunk, length)
+    weights, cache_bytes = per_chip_bytes(params), per_chip_bytes((cache.k, cache.v))
+    t0 = time.perf_counter()
+    say(f"compiling the prefill chunk program (batch {batch})")
+    prefill_mem = program_memory(cfg, mesh, batch, chunk, length, block)
+    say(f"compiling the decode step program (batch {batch})")
+    decode_mem = program_memory(cfg, mesh, batch, chunk, length, block, decode=True)
+    fits = all(m.total is not None and m.total <= capacity for m in (prefill_mem, decode_mem))
+    for name, m in (("prefill chunk", prefill_mem), ("decode step", decode_mem)):
+        if m.refusal:
+            notes.append(f"the TPU compiler refused the {name} program: {m.refusal}")
+        if m.cache_copies:
+            notes.append(f"the {name} program copies the whole cache {m.cache_copies} times per call (k and v into "
+                         f"another layout, the compiler's choice for the attention, and back out; the temporaries "
+                         f"hold them), and each call reads and writes "
+                         f"{m.cache_copies * cache_bytes / GIB:.3g} GiB per chip for them")
+
+    max_batch, how = None, "not searched"
+    if search_batch:
+        def measure(n: int) -> Memory:
+            say(f"compiling the prefill chunk program at batch {n} (largest batch)")
+            return program_memory(cfg, mesh, n, chunk, length, block)
+
+        max_batch, how = largest_batch(measure, capacity, batch, rows, known={batch: prefill_mem})
+        if decode_mem.total is not None and prefill_mem.total is not None and decode_mem.total <= prefill_mem.total:
+            how += "; the decode step program needs less"
+
+    blocks = visited_blocks(length, chunk, block)
+    decode_blocks = -(-length // block)
+    prefill = decode = None
+    prefill_cost = decode_cost = None
+    if with_cost and fits:
+        say("cost compiles of the prefill chunk: 1 and 2 key blocks, 1 and more layers per iteration")
+        prefill = cost_parts(cfg, mesh, batch, chunk, length, block)
+        say("cost compiles of the decode step: 1 and 2 key blocks, 1 and more layers per iteration")
+        decode = cost_parts(cfg, mesh, batch, chunk, length, block, decode=True)
+        n = cfg.num_hidden_layers
+        copy = Cost(cache_bytes / bandwidth, 0.0, cache_bytes)  # one array (k or v), read and written
+        for name, parts, m in (("prefill chunk", prefill, prefill_mem), ("decode step", decode, decode_mem)):
+            if extra := m.cache_copies - parts.cache_copies:  # the compiler laid the cost compiles out otherwise
+                parts.outside, parts.cache_copies = parts.outside + extra * copy, m.cache_copies
+                notes.append(f"the {name} cost compiles copy the whole cache {m.cache_copies - extra} times, the "
+                             f"program itself {m.cache_copies}: {extra:+d} copies at HBM bandwidth added")
+        prefill_cost = len(blocks) * (prefill.outside + n * prefill.layer) + n * sum(blocks) * prefill.block
+        decode_cost = decode.total(n, decode_blocks)
+        notes.append(f"not in the estimates: the key-block loop's own overhead per iteration ({n * sum(blocks)} "
+                     f"iterations per prefill, {n * decode_blocks} per decode step)")
+    compile_seconds = time.perf_counter() - t0
+
+    model_flops = batch * flops_lib.prefill_flops(cfg, length) / chips
+    floor_bytes = decode_floor_bytes(cfg, mesh, batch, length)
+    prefill_floor, decode_floor = model_flops / peak, floor_bytes / bandwidth
+    prefill_s = prefill_cost.seconds if prefill_cost else None
+    decode_s = decode_cost.seconds if decode_cost else None
+    if prefill_cost and not (prefill_s > 0 and decode_s > 0):
+        notes.append(f"the compiler's optimal_seconds is not positive on {family}: times are not reported")
+        prefill_s = decode_s = None
+    if not fits:
+        notes.append("the planned batch does not fit: no time estimated")
+    return EvalPlan(
+        config=str(c.get("name", "")), topology=topology, chips=chips, mesh=dict(mesh.shape),
+        params_billions=cfg.num_params() / 1e9, layers=cfg.num_hidden_layers, dtype=cfg.dtype,
+        rope=_rope_label(cfg), length=length, chunk=chunk, block=block, batch=batch,
+        hbm_capacity_gib=capacity / GIB, weights_gib=weights / GIB, cache_gib=cache_bytes / GIB,
+        prefill_temporaries_gib=prefill_mem.temporaries / GIB if prefill_mem.temporaries >= 0 else None,
+        decode_temporaries_gib=decode_mem.temporaries / GIB if decode_mem.temporaries >= 0 else None,
+        code_gib=None if prefill_mem.code is None else prefill_mem.code / GIB,
+        prefill_total_gib=None if prefill_mem.total is None else prefill_mem.total / GIB,
+        decode_total_gib=None if decode_mem.total is None else decode_mem.total / GIB,
+        cache_copies_prefill=prefill_mem.cache_copies, cache_copies_decode=decode_mem.cache_copies,
+        fits=fits, max_batch=max_batch, max_batch_method=how,
+        prefill_chunks=len(blocks), prefill_blocks_visited=sum(blocks), prefill_seconds=prefill_s,
+        prefill_flop_floor_seconds=prefill_floor,
+        prefill_ratio=None if prefill_s is None else prefill_s / prefill_floor,
+        decode_blocks_visited=decode_blocks, decode_ms=None if decode_s is None else decode_s * 1e3,
+        decode_hbm_floor_ms=decode_floor * 1e3, decode_ratio=None if decode_s is None else decode_s / decode_floor,
+        model_flops_prefill=model_flops, compiler_flops_prefill=prefill_cost.flops if prefill_cost else None,
+        decode_bytes_floor=floor_bytes, compiler_bytes_decode=decode_cost.bytes if decode_cost else None,
+        prefill_parts=dataclasses.asdict(prefill) if prefill else None,
+        decode_parts=dataclasses.asdict(decode) if decode else None,
+        compile_seconds=compile_seconds, notes=notes)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _fmt(value: Any, unit: str = "", digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float) and abs(value) >= 1e6:
+        return f"{value:.3e}{unit}"
+    return f"{value:.{digits}f}{unit}" if isinstance(value, float) else f"{value}{unit}"
+
+
+def table(plans: list[EvalPlan]) -> str:
+    """The plans side by side, one column each."""
+    rows = [
+        ("config", lambda p: p.config),
+        ("topology (chips)", lambda p: f"{p.topology} ({p.chips})"),
+        ("mesh data x fsdp x tensor", lambda p: " x ".join(str(p.mesh[a]) for a in sharding.MESH_AXES)),
+        ("model", lambda p: f"{p.params_billions:.2f}B params, {p.dtype}"),
+        ("RoPE", lambda p: p.rope),
+        ("context (cache slots) / chunk / key block", lambda p: f"{p.length} / {p.chunk} / {p.block}"),
+        ("batch (sequences)", lambda p: p.batch),
+        ("HBM weights", lambda p: _fmt(p.weights_gib, " GiB")),
+        ("HBM KV cache", lambda p: _fmt(p.cache_gib, " GiB")),
+        ("HBM temporaries: prefill chunk", lambda p: _fmt(p.prefill_temporaries_gib, " GiB", 3)),
+        ("HBM temporaries: decode step", lambda p: _fmt(p.decode_temporaries_gib, " GiB", 3)),
+        ("HBM code", lambda p: _fmt(p.code_gib, " GiB", 3)),
+        ("HBM total: prefill chunk", lambda p: _fmt(p.prefill_total_gib, " GiB")),
+        ("HBM total: decode step", lambda p: _fmt(p.decode_total_gib, " GiB")),
+        ("HBM capacity", lambda p: _fmt(p.hbm_capacity_gib, " GiB")),
+        ("fits", lambda p: _fmt(p.fits)),
+        ("largest batch that fits", lambda p: _fmt(p.max_batch)),
+        ("prefill: est. time, whole prompt", lambda p: _fmt(p.prefill_seconds, " s")),
+        ("prefill: FLOP floor (model FLOPs at peak)", lambda p: _fmt(p.prefill_flop_floor_seconds, " s")),
+        ("prefill: est. / floor", lambda p: _fmt(p.prefill_ratio, "x")),
+        ("decode: est. ms per token at the full context", lambda p: _fmt(p.decode_ms, " ms", 3)),
+        ("decode: HBM floor (weights + cache read)", lambda p: _fmt(p.decode_hbm_floor_ms, " ms", 3)),
+        ("decode: est. / floor", lambda p: _fmt(p.decode_ratio, "x")),
+    ]
+    lines = ["| " + " | ".join(["", *[p.topology for p in plans]]) + " |", "|" + "---|" * (len(plans) + 1)]
+    lines += [f"| {label} | " + " | ".join(str(cell(p)) for p in plans) + " |" for label, cell in rows]
+    return "\n".join(lines)
+
+
+def time_table(p: EvalPlan, chip: flops_lib.Chip | None = None) -> str:
+    """Where the time goes: each part's estimated time, its FLOPs at peak and bytes at HBM bandwidth, per chip."""
+    if p.prefill_parts is None or p.decode_parts is None:
+        return ""
+    family = next((k for k in flops_lib.CHIPS if p.topology.startswith(k)), None)
+    chip = chip or flops_lib.CHIPS.get(family)
+    layers = p.layers
+    lines = ["| part | count | est. time | share | FLOPs at peak | bytes at HBM bandwidth |",
+             "|---|---|---|---|---|---|"]
+    for program, parts, counts, copies, unit, scale in (
+            ("prefill", p.prefill_parts, {"outside": p.prefill_chunks, "layer": p.prefill_chunks * layers,
+                                          "block": p.prefill_blocks_visited * layers},
+             p.cache_copies_prefill * p.prefill_chunks, "s", 1.0),
+            ("decode", p.decode_parts, {"outside": 1, "layer": layers, "block": p.decode_blocks_visited * layers},
+             p.cache_copies_decode, "ms", 1e3)):
+        total = sum(parts[k]["seconds"] * n for k, n in counts.items())
+        for key, label in (("outside", "outside the layers"), ("layer", "a layer without attention"),
+                           ("block", "a key block")):
+            n, cost = counts[key], parts[key]
+            at_peak = cost["flops"] * n / chip.peak_flops * scale
+            at_bandwidth = cost["bytes"] * n / chip.hbm_bytes_per_s * scale
+            lines.append(f"| {program}: {label} | {n} | {cost['seconds'] * n * scale:.4g} {unit} | "
+                         f"{cost['seconds'] * n / total:.1%} | {at_peak:.4g} {unit} | {at_bandwidth:.4g} {unit} |")
+            if key == "outside" and copies:  # a read and a write of one cache array (k or v) each
+                seconds = copies * p.cache_gib * GIB / chip.hbm_bytes_per_s
+                lines.append(f"| {program}: of which whole-cache layout copies | {copies} | {seconds * scale:.4g} "
+                             f"{unit} | {seconds / total:.1%} | 0 | {seconds * scale:.4g} {unit} |")
+    return "\n".join(lines)
+
+
+def run(c: ml_collections.ConfigDict, topology: str, *, json_path: str | None = None, **options: Any) -> int:
+    """The `--eval` CLI: plan, print the tables and notes (progress on stderr), write JSON; 2 for a mistake."""
+    try:
+        p = plan_eval(c, topology, progress=lambda what: print(f"planning {c.get('name', '')}: {what}",
+                                                                 file=sys.stderr, flush=True), **options)
+    except (CreamError, RuntimeError) as e:
+        return cli.report(e)
+    print(table([p]))
+    if p.max_batch is not None:
+        print(f"\nlargest batch: {p.max_batch_method}")
+    if where := time_table(p):
+        print(f"\nWhere the time goes (per chip; counts are of each part's executions, key blocks per layer):\n"
+              f"{where}")
+    for note in p.notes:
+        print(f"note: {note}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(dataclasses.asdict(p), indent=2) + "\n")
+    return 0
