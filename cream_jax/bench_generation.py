@@ -41,6 +41,7 @@ when the serving environment exists.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import statistics
 import subprocess
@@ -49,7 +50,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from cream_jax.bench_process import RESULT_PREFIX, log, run_worker, seconds, vm_hwm_mib, worker_command
+from cream_jax.bench_process import RESULT_PREFIX, log, seconds, vm_hwm_mib, worker_command
 
 TURN = "BENCH_TURN"  # a worker's line: waiting for its turn (the benchmark answers with a line on its stdin)
 FRAMEWORKS = ("ours", "transformers")
@@ -181,21 +182,21 @@ def worker_torch(spec: dict) -> dict:
             "transformers": transformers.__version__}
 
 
-def worker_export(spec: dict) -> dict:
-    """The random-init model, written for transformers by `hf.save_hf`."""
+WORKERS = {"gen_ours": worker_ours, "gen_torch": worker_torch}
+
+
+# ----------------------------------------------------------------------------- the section
+
+
+def export_model(sizes: GenerationSizes, path: str) -> int:
+    """The random-init model (seed 0), written for transformers by `hf.save_hf`; returns its parameter count."""
     from cream_jax import hf
     from cream_jax import model as model_lib
     from cream_jax.config import LlamaConfig
 
-    cfg = LlamaConfig(**spec["dims"])
-    hf.save_hf(model_lib.init(cfg, seed=0), spec["model_dir"], progress=False)
-    return {"num_params": cfg.num_params()}
-
-
-WORKERS = {"gen_ours": worker_ours, "gen_torch": worker_torch, "gen_export": worker_export}
-
-
-# ----------------------------------------------------------------------------- the section
+    cfg = LlamaConfig(**sizes.dims())
+    hf.save_hf(model_lib.init(cfg, seed=0), path, progress=False)
+    return cfg.num_params()
 
 
 def run_alternating(jobs: list[tuple[str, dict]]) -> list[dict]:
@@ -215,8 +216,6 @@ def run_alternating(jobs: list[tuple[str, dict]]) -> list[dict]:
             if line.rstrip("\n") == TURN:
                 return True
             if line.startswith(RESULT_PREFIX):
-                import json
-
                 results[i] = json.loads(line[len(RESULT_PREFIX):])
         code = procs[i].wait()
         if code or not results[i]:
@@ -263,9 +262,7 @@ def bench_generation(sizes: GenerationSizes) -> dict:
     with tempfile.TemporaryDirectory(prefix="cream-bench-generation-") as tmp:
         model_dir = os.path.join(tmp, "model")
         log(f"generation: exporting the random-init model {sizes.dims()} ...")
-        export = run_worker("gen_export", {"dims": sizes.dims(), "model_dir": model_dir})
-        if "error" in export:
-            return {"rows": [], "ratios": [], "error": "the export failed", "sizes": dataclasses.asdict(sizes)}
+        num_params = export_model(sizes, model_dir)
         for S in sizes.lengths:
             for B in sizes.batches:
                 log(f"generation: S={S} batch={B}, ours and transformers taking turns ...")
@@ -289,7 +286,7 @@ def bench_generation(sizes: GenerationSizes) -> dict:
                     f"(ratio {ratio['prefill_ratio']:.2f}); decode {pair['ours']['decode_ms_per_token']:.1f} vs "
                     f"{pair['transformers']['decode_ms_per_token']:.1f} ms/token (ratio {ratio['decode_ratio']:.2f}); "
                     f"greedy tokens equal {ratio['tokens_equal']:.0%}")
-    return {"rows": rows, "ratios": ratios, "sizes": dataclasses.asdict(sizes), "num_params": export["num_params"],
+    return {"rows": rows, "ratios": ratios, "sizes": dataclasses.asdict(sizes), "num_params": num_params,
             "total_s": time.perf_counter() - start}
 
 
