@@ -62,8 +62,7 @@ class GenerationSizes:
     layers: int
     intermediate: int
     vocab: int
-    lengths: tuple[int, ...]  # prompt lengths
-    batches: tuple[int, ...]
+    rows: tuple[tuple[int, int], ...]  # (prompt length, batch) of each row
     new_tokens: int = 32
     chunk: int = 512  # our prefill's chunk
     steps: int = 5  # timed calls per phase at most
@@ -76,12 +75,12 @@ class GenerationSizes:
         return dict(vocab_size=self.vocab, hidden_size=self.hidden, num_hidden_layers=self.layers,
                     intermediate_size=self.intermediate, num_attention_heads=self.hidden // 64,
                     num_key_value_heads=self.hidden // 64, head_dim=64,
-                    max_position_embeddings=max(self.lengths) + self.new_tokens)
+                    max_position_embeddings=max(S for S, _ in self.rows) + self.new_tokens)
 
 
-FULL = GenerationSizes(512, 4, 1376, 32000, lengths=(4096, 16384), batches=(1, 8))
-QUICK = GenerationSizes(64, 1, 172, 512, lengths=(256, 512), batches=(1, 2), chunk=128, steps=3, min_calls=2,
-                        budget_s=5.0)
+FULL = GenerationSizes(512, 4, 1376, 32000, rows=tuple((S, B) for S in (4096, 16384) for B in (1, 8)))
+# Two rows, not the four of lengths x batches: each row is two process starts (about 10 s on 2 cores).
+QUICK = GenerationSizes(64, 1, 172, 512, rows=((256, 1), (512, 2)), chunk=128, steps=3, min_calls=2, budget_s=5.0)
 
 
 # ----------------------------------------------------------------------------- workers (one per subprocess)
@@ -256,36 +255,35 @@ def _agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict:
 
 
 def bench_generation(sizes: GenerationSizes) -> dict:
-    """Every prompt length x batch: ours and transformers' prefill and decode, alternated; their ratios."""
+    """Every row (prompt length, batch): ours and transformers' prefill and decode, alternated; their ratios."""
     start = time.perf_counter()
     rows, ratios = [], []
     with tempfile.TemporaryDirectory(prefix="cream-bench-generation-") as tmp:
         model_dir = os.path.join(tmp, "model")
         log(f"generation: exporting the random-init model {sizes.dims()} ...")
         num_params = export_model(sizes, model_dir)
-        for S in sizes.lengths:
-            for B in sizes.batches:
-                log(f"generation: S={S} batch={B}, ours and transformers taking turns ...")
-                spec = {**dataclasses.asdict(sizes), "S": S, "batch": B, "model_dir": model_dir}
-                context = {"loadavg_1min": [os.getloadavg()[0]]}
-                began = time.perf_counter()
-                ours, theirs = run_alternating([("gen_ours", spec), ("gen_torch", spec)])
-                context.update(process_s=time.perf_counter() - began,
-                               loadavg_1min=context["loadavg_1min"] + [os.getloadavg()[0]])
-                pair = {f: _row((S, B), f, r, sizes.new_tokens, context) for f, r in zip(FRAMEWORKS, (ours, theirs))}
-                rows += [pair["ours"], pair["transformers"]]
-                if "error" in ours or "error" in theirs:
-                    continue
-                ours_row, theirs_row = pair["ours"], pair["transformers"]
-                ratio = {"S": S, "batch": B,
-                         "prefill_ratio": ours_row["prefill_tokens_per_s"] / theirs_row["prefill_tokens_per_s"],
-                         "decode_ratio": ours_row["decode_tokens_per_s"] / theirs_row["decode_tokens_per_s"],
-                         **_agreement(ours["tokens"], theirs["tokens"])}
-                ratios.append(ratio)
-                log(f"  prefill {pair['ours']['prefill_s']:.2f} s vs {pair['transformers']['prefill_s']:.2f} s "
-                    f"(ratio {ratio['prefill_ratio']:.2f}); decode {pair['ours']['decode_ms_per_token']:.1f} vs "
-                    f"{pair['transformers']['decode_ms_per_token']:.1f} ms/token (ratio {ratio['decode_ratio']:.2f}); "
-                    f"greedy tokens equal {ratio['tokens_equal']:.0%}")
+        for S, B in sizes.rows:
+            log(f"generation: S={S} batch={B}, ours and transformers taking turns ...")
+            spec = {**dataclasses.asdict(sizes), "S": S, "batch": B, "model_dir": model_dir}
+            context = {"loadavg_1min": [os.getloadavg()[0]]}
+            began = time.perf_counter()
+            ours, theirs = run_alternating([("gen_ours", spec), ("gen_torch", spec)])
+            context.update(process_s=time.perf_counter() - began,
+                           loadavg_1min=context["loadavg_1min"] + [os.getloadavg()[0]])
+            pair = {f: _row((S, B), f, r, sizes.new_tokens, context) for f, r in zip(FRAMEWORKS, (ours, theirs))}
+            rows += [pair["ours"], pair["transformers"]]
+            if "error" in ours or "error" in theirs:
+                continue
+            ours_row, theirs_row = pair["ours"], pair["transformers"]
+            ratio = {"S": S, "batch": B,
+                     "prefill_ratio": ours_row["prefill_tokens_per_s"] / theirs_row["prefill_tokens_per_s"],
+                     "decode_ratio": ours_row["decode_tokens_per_s"] / theirs_row["decode_tokens_per_s"],
+                     **_agreement(ours["tokens"], theirs["tokens"])}
+            ratios.append(ratio)
+            log(f"  prefill {pair['ours']['prefill_s']:.2f} s vs {pair['transformers']['prefill_s']:.2f} s "
+                f"(ratio {ratio['prefill_ratio']:.2f}); decode {pair['ours']['decode_ms_per_token']:.1f} vs "
+                f"{pair['transformers']['decode_ms_per_token']:.1f} ms/token (ratio {ratio['decode_ratio']:.2f}); "
+                f"greedy tokens equal {ratio['tokens_equal']:.0%}")
     return {"rows": rows, "ratios": ratios, "sizes": dataclasses.asdict(sizes), "num_params": num_params,
             "total_s": time.perf_counter() - start}
 

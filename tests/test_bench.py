@@ -60,7 +60,7 @@ def test_quick_run(tmp_path, monkeypatch):
 
     generation, sizes = r["generation"], bench_generation.QUICK
     assert {(x["S"], x["batch"], x["framework"]) for x in generation["rows"]} == {
-        (S, B, f) for S in sizes.lengths for B in sizes.batches for f in bench_generation.FRAMEWORKS}
+        (S, B, f) for S, B in sizes.rows for f in bench_generation.FRAMEWORKS}
     for x in generation["rows"]:
         assert "error" not in x, x
         for key in ("prefill_s", "prefill_tokens_per_s", "decode_ms_per_token", "decode_tokens_per_s", "peak_mib"):
@@ -68,8 +68,7 @@ def test_quick_run(tmp_path, monkeypatch):
         assert x["prefill"]["first_call_s"] > 0 and x["decode"]["first_call_s"] > 0
         assert x["prefill"]["n"] >= sizes.min_calls and x["decode"]["n"] >= sizes.min_calls
         assert x["peak_mib"] >= x["baseline_mib"]
-    assert {(x["S"], x["batch"]) for x in generation["ratios"]} == {
-        (S, B) for S in sizes.lengths for B in sizes.batches}
+    assert {(x["S"], x["batch"]) for x in generation["ratios"]} == set(sizes.rows)
     for x in generation["ratios"]:
         assert x["prefill_ratio"] > 0 and x["decode_ratio"] > 0 and 0 <= x["tokens_equal"] <= 1
         assert x["tokens_compared"] == x["batch"] * sizes.new_tokens
