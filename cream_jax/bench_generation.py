@@ -78,7 +78,9 @@ class GenerationSizes:
                     max_position_embeddings=max(S for S, _ in self.rows) + self.new_tokens)
 
 
-FULL = GenerationSizes(512, 4, 1376, 32000, rows=tuple((S, B) for S in (4096, 16384) for B in (1, 8)))
+# min_calls 2: a prefill of 16K tokens x 8 takes 2-3 minutes a call on 2 cores.
+FULL = GenerationSizes(512, 4, 1376, 32000, rows=tuple((S, B) for S in (4096, 16384) for B in (1, 8)), min_calls=2,
+                       budget_s=90.0)
 # Two rows, not the four of lengths x batches: each row is two process starts (about 10 s on 2 cores).
 QUICK = GenerationSizes(64, 1, 172, 512, rows=((256, 1), (512, 2)), chunk=128, steps=3, min_calls=2, budget_s=5.0)
 
