@@ -1,9 +1,12 @@
-"""CPU benchmark: our train step vs transformers', CREAM's sampler overhead, attention backends.
+"""CPU benchmark: our train step vs transformers', CREAM's sampler overhead, attention backends, generation.
 
-    python -m cream_jax.bench [--out docs] [--quick]
+    python -m cream_jax.bench [--out docs] [--quick] [--sections train attention generation]
 
 Prints markdown tables and writes `bench.json` and `bench.md` into `--out`.
-`--quick` shrinks every size (a smoke run: under 2 minutes on 2 cores, most of it process start-ups).
+`--quick` shrinks every size (a smoke run: about 2 minutes on 2 cores, most of it process start-ups).
+`--sections` runs only the sections named (`SECTIONS`): the others' results already in `--out`'s
+bench.json are kept and bench.md is written anew from all of them, e.g. `--sections generation --out docs`
+refreshes the generation tables without the half hour of the train sections.
 
 What is measured, and how:
 
@@ -27,6 +30,8 @@ What is measured, and how:
    head_dim 128, 8 heads, batch 1, fp32: CPU wall time per call, and memory
    as the temporaries of the TPU compiler (v5p-8, ahead of time via libtpu;
    XLA's CPU compiler reports no temporaries for large buffers).
+4. Generation: our `prefill` and `decode` against transformers' `generate` on one exported model
+   (`bench_generation`, whose docstring says what is timed).
 
 Conventions. Every measurement runs in its own subprocess (`--worker`), so
 its memory is its own: peak RSS is that process's VmHWM from
@@ -58,6 +63,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from cream_jax import bench_generation
+from cream_jax.bench_process import RESULT_PREFIX, MiB, log, reset_hwm, run_worker, seconds, vm_hwm_mib
+
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 # glibc keeps freed memory in one heap (one arena, no mmap'd chunks, no trimming) for the next step to reuse.
 # By default the large buffers of a step (XLA:CPU mallocs its temporaries afresh each call) are mapped fresh
@@ -70,8 +78,6 @@ SETTINGS = {
     "GLIBC_TUNABLES=" + HEAP_REUSE: ({"GLIBC_TUNABLES": HEAP_REUSE}, ("ours", "transformers")),
 }
 SHARED_SETTINGS = [name for name, (_, frameworks) in SETTINGS.items() if set(frameworks) == {"ours", "transformers"}]
-RESULT_PREFIX = "BENCH_RESULT "
-MiB = 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,34 +119,12 @@ FULL = Sizes(train=(TrainSize(512, 4, 1024, 2), TrainSize(1024, 8, 2048, 1)), st
 QUICK = Sizes(train=(TrainSize(64, 1, 128, 2, vocab=512),), steps=3, pairs=3, warmup=1, budget_s=60,
               attn_lengths=(512, 1024, 2048), attn_time_max={"dot_product": 512, "blockwise": 512}, attn_block=128)
 BACKENDS = ("dot_product", "blockwise")
+# The benchmark's sections -> the keys of bench.json that each one writes.
+SECTIONS = {"train": ("train", "ours_vs_transformers", "cream_overhead", "settings"), "attention": ("attention",),
+            "generation": ("generation",)}
 
 
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------- process memory
-
-
-def vm_hwm_mib() -> float:
-    """This process's peak resident set (VmHWM), MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / MiB
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def reset_hwm() -> None:
-    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def seconds(call: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
+# ----------------------------------------------------------------------------- timing
 
 
 def timed_calls(call: Callable[[], object], steps: int, warmup: int, budget_s: float) -> dict:
@@ -339,27 +323,7 @@ def worker_compiled(spec: dict) -> dict:
 
 
 WORKERS = {"ours": worker_ours, "cream_ab": worker_cream_ab, "torch": worker_torch, "attention": worker_attention,
-           "compiled": worker_compiled}
-
-
-def run_worker(kind: str, spec: dict, env: dict | None = None) -> dict:
-    """Run one worker in a fresh Python process, with `env` added to a default environment (no XLA_FLAGS
-    or GLIBC_TUNABLES); returns its result (or {"error": ...})."""
-    package_root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "GLIBC_TUNABLES": "", **(env or {}),
-           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    # Run this file by path, not as `-m cream_jax.bench`: the package's __init__ imports jax and flax, which
-    # must not weigh on the torch worker's memory.
-    launch = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-    cmd = [sys.executable, "-c", launch, str(Path(__file__).resolve()), "--worker", kind, "--spec", json.dumps(spec)]
-    start, load = time.perf_counter(), os.getloadavg()[0]
-    proc = subprocess.run(cmd, env=env, cwd=package_root, stdout=subprocess.PIPE, text=True)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith(RESULT_PREFIX)]
-    context = {"process_s": time.perf_counter() - start, "loadavg_1min": [load, os.getloadavg()[0]]}
-    if proc.returncode or not lines:
-        log(f"  worker {kind} failed (exit {proc.returncode})")
-        return {"error": f"exit code {proc.returncode}", **context}
-    return {**json.loads(lines[-1][len(RESULT_PREFIX):]), **context}
+           "compiled": worker_compiled, **bench_generation.WORKERS}
 
 
 # ----------------------------------------------------------------------------- the benchmark
@@ -459,8 +423,8 @@ def _fmt(x, spec: str = ".0f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def markdown(results: dict) -> str:
-    from cream_jax.report import markdown_table as _table  # here, not at the top: workers run without the package
+def _train_markdown(results: dict) -> list[str]:
+    from cream_jax.report import markdown_table as _table  # here, not at the top: workers run without jax
 
     train = _table(
         ["config", "framework", "attention", "positions", "environment", "tokens/s", "step s (median)", "n",
@@ -489,6 +453,20 @@ def markdown(results: dict) -> str:
                         _fmt(r["default_tokens_per_s"]), _fmt(r["setting_tokens_per_s"]),
                         _fmt(r["tokens_per_s_change_pct"], "+.1f"), _fmt(r["default_steady_peak_mib"]),
                         _fmt(r["setting_steady_peak_mib"])] for r in results["settings"]])
+    return ["## Train step: ours vs transformers", train,
+            "Peak RSS: the measuring process's VmHWM at its end (compilation/initialisation included); above "
+            "baseline: minus its VmHWM after imports; steady peak: VmHWM over the timed steps alone. load: the "
+            "machine's 1-minute load average when the measurement started / ended; cores used: the process's CPU "
+            "time over the timed steps / their wall time (2.00 = both cores; less = waiting, or other work on the "
+            "cores).",
+            "## Ours / transformers (tokens/s, ours with the faster backend, both in the same environment)", ratio,
+            "## CREAM sampler overhead (window = seq, target = 4 x seq)", cream,
+            "## Environment settings against the default environment", settings]
+
+
+def _attention_markdown(results: dict) -> list[str]:
+    from cream_jax.report import markdown_table as _table
+
     attn = _table(["backend", "S", "CPU s per fwd+bwd", "n", "cores used", "CPU peak RSS MiB",
                    "CPU above baseline MiB", "TPU temporaries MiB"],
                   [[r["backend"], r["S"], _fmt(r.get("cpu_median_s"), ".3f") if "cpu_median_s" in r else "not timed",
@@ -496,27 +474,43 @@ def markdown(results: dict) -> str:
                     _fmt(r["cpu_peak_mib"] - r["cpu_baseline_mib"] if "cpu_peak_mib" in r else None),
                     _fmt(r["temporaries_mib"], ".1f")] for r in results["attention"]])
     m = results["meta"]
-    return "\n\n".join([
-        f"# CPU benchmark{' (--quick)' if m['quick'] else ''}",
-        f"`python -m cream_jax.bench{' --quick' if m['quick'] else ''}` on {m['cpus']} CPU cores "
-        f"({m['cpu_model']}); jax {m['jax']}, torch {m['torch']}, transformers {m['transformers']}; "
-        f"code at {m['commit']}. fp32 throughout. Medians of {m['steps']} timed train steps after "
-        f"1 compiling/first call and {m['warmup']} warm-up call(s) unless the n column says otherwise.",
-        "## Train step: ours vs transformers", train,
-        "Peak RSS: the measuring process's VmHWM at its end (compilation/initialisation included); above "
-        "baseline: minus its VmHWM after imports; steady peak: VmHWM over the timed steps alone. load: the "
-        "machine's 1-minute load average when the measurement started / ended; cores used: the process's CPU "
-        "time over the timed steps / their wall time (2.00 = both cores; less = waiting, or other work on the "
-        "cores).",
-        "## Ours / transformers (tokens/s, ours with the faster backend, both in the same environment)", ratio,
-        "## CREAM sampler overhead (window = seq, target = 4 x seq)", cream,
-        "## Environment settings against the default environment", settings,
-        f"## Attention alone: forward + backward, batch 1, {m['attn_heads']} heads, head_dim "
-        f"{m['attn_head_dim']}, block {m['attn_block']}", attn,
-        "TPU temporaries: `tpu.compile_for_tpu(..., topology='v5p-8')` + `tpu.memory(...).temporaries` "
-        "(compiled, not run). CPU: median wall time (n = 1: the single run after compiling, too slow to repeat).",
-        *([f"Notes: {m['notes']}"] if m.get("notes") else []),
-    ]) + "\n"
+    return [f"## Attention alone: forward + backward, batch 1, {m['attn_heads']} heads, head_dim "
+            f"{m['attn_head_dim']}, block {m['attn_block']}", attn,
+            "TPU temporaries: `tpu.compile_for_tpu(..., topology='v5p-8')` + `tpu.memory(...).temporaries` "
+            "(compiled, not run). CPU: median wall time (n = 1: the single run after compiling, too slow to repeat)."]
+
+
+def _section_runs(results: dict) -> dict:
+    """Each present section's run (commit, quick, notes): `meta["sections"]`, else the page's own meta."""
+    m = results["meta"]
+    runs = m.get("sections", {})
+    return {name: runs.get(name, {"commit": m["commit"], "quick": m["quick"]}) for name in SECTIONS
+            if all(key in results for key in SECTIONS[name])}
+
+
+def markdown(results: dict) -> str:
+    """bench.md: the sections `results` holds, each with how it was measured."""
+    m, runs = results["meta"], _section_runs(results)
+    commits = ", ".join(f"{name} at {run['commit']}" for name, run in runs.items())
+    parts = [f"# CPU benchmark{' (--quick)' if m['quick'] else ''}",
+             f"`python -m cream_jax.bench{' --quick' if m['quick'] else ''}` on {m['cpus']} CPU cores "
+             f"({m['cpu_model']}); jax {m['jax']}, torch {m['torch']}, transformers {m['transformers']}; "
+             f"code: {commits}. fp32 throughout." + (
+                 f" Medians of {m['steps']} timed train steps after 1 compiling/first call and {m['warmup']} "
+                 "warm-up call(s) unless the n column says otherwise." if "train" in runs else "")]
+    for name, run in runs.items():
+        if name == "train":
+            parts += _train_markdown(results)
+        elif name == "attention":
+            parts += _attention_markdown(results)
+        else:
+            parts.append(bench_generation.markdown(results["generation"], run))
+        if run.get("notes"):
+            parts.append(f"Notes ({name}): {run['notes']}")
+    if m.get("notes"):
+        parts.append(f"Notes: {m['notes']}")
+    return "\n\n".join(parts) + "\n"
+
 
 def _meta(sizes: Sizes, quick: bool) -> dict:
     import platform
@@ -544,7 +538,7 @@ def _meta(sizes: Sizes, quick: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--worker"]:  # run_worker's own call (plain argparse: the package stays unimported)
+    if argv[:1] == ["--worker"]:  # run_worker's own call (plain argparse; the package is bare: bench_process)
         w = argparse.ArgumentParser()
         w.add_argument("--worker", choices=sorted(WORKERS))
         w.add_argument("--spec")
@@ -559,26 +553,65 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="docs")
     p.add_argument("--quick", action="store_true", help="shrink every size (a smoke run)")
     p.add_argument("--notes", default="", help="a line added to bench.md")
+    p.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS),
+                   help="run these sections only: the other sections' results in --out's bench.json are kept, and "
+                        "bench.md is written anew from all of them")
     a = p.parse_args(argv)
     from cream_jax.errors import CreamError
     from cream_jax.files import output_dir
 
     try:
         output_dir(a.out)  # before the measurements, not after them
+        results = _earlier_results(Path(a.out), a.sections, a.quick)
     except CreamError as e:
         return cli.report(e)
     sizes = QUICK if a.quick else FULL
+    meta = _meta(sizes, a.quick)
+    whole = set(a.sections) == set(SECTIONS)
+    if whole or "meta" not in results:
+        results["meta"] = {**meta, "notes": a.notes if whole else ""}
     start = time.perf_counter()
-    results = {"meta": {**_meta(sizes, a.quick), "notes": a.notes}, **bench_train(sizes),
-               "attention": bench_attention(sizes)}
-    results["meta"]["total_s"] = time.perf_counter() - start
+    for name in [s for s in SECTIONS if s in a.sections]:
+        began = time.perf_counter()
+        if name == "train":
+            results.update(bench_train(sizes))
+        elif name == "attention":
+            results["attention"] = bench_attention(sizes)
+        else:
+            results["generation"] = bench_generation.bench_generation(
+                bench_generation.QUICK if a.quick else bench_generation.FULL)
+        results["meta"].setdefault("sections", {})[name] = {
+            "commit": meta["commit"], "date": meta["date"], "quick": a.quick, "notes": "" if whole else a.notes,
+            "total_s": time.perf_counter() - began}
+    if whole:
+        results["meta"]["total_s"] = time.perf_counter() - start
     from cream_jax.report import write_report
 
     md = markdown(results)
     json_path, md_path = write_report(a.out, "bench", results, md)
     print(md)
-    log(f"done in {results['meta']['total_s']:.0f} s; wrote {json_path} and {md_path}")
+    log(f"done in {time.perf_counter() - start:.0f} s; wrote {json_path} and {md_path}")
     return 0
+
+
+def _earlier_results(out: Path, sections: list[str], quick: bool) -> dict:
+    """What --out's bench.json holds of the sections not run now (nothing when every section runs)."""
+    from cream_jax.errors import CreamError
+
+    path = out / "bench.json"
+    if set(sections) == set(SECTIONS) or not path.exists():
+        return {}
+    try:
+        results = json.loads(path.read_text())
+    except ValueError as e:
+        raise CreamError(f"{path} is not JSON ({e}); run every section to write it anew") from None
+    if results.get("meta", {}).get("quick", quick) != quick:
+        raise CreamError(f"{path} holds {'full' if quick else '--quick'} results: run --sections "
+                         f"{' '.join(sections)} {'without' if quick else 'with'} --quick, or into another --out")
+    for name in sections:
+        for key in SECTIONS[name]:
+            results.pop(key, None)
+    return results
 
 
 if __name__ == "__main__":
