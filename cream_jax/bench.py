@@ -507,8 +507,8 @@ def markdown(results: dict) -> str:
             parts.append(bench_generation.markdown(results["generation"], run))
         if run.get("notes"):
             parts.append(f"Notes ({name}): {run['notes']}")
-    if m.get("notes"):
-        parts.append(f"Notes: {m['notes']}")
+    if m.get("notes"):  # the notes of the run of every section
+        parts.append(f"Notes (the run of every section at {m['commit']}): {m['notes']}")
     return "\n\n".join(parts) + "\n"
 
 
