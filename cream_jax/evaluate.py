@@ -63,7 +63,9 @@ def check_source(args: argparse.Namespace, mesh: jax.sharding.Mesh | None = None
     tok = tok_lib.resolve(spec)
     tok_lib.check_vocab(tok, config.vocab_size)
     if mesh is not None:
-        check_mesh(config, mesh)
+        from cream_jax.sharding import check_heads
+
+        check_heads(config, mesh.shape.get("tensor", 1), "--mesh tensor")
     return tok
 
 
@@ -78,17 +80,6 @@ def load(args: argparse.Namespace, mesh: jax.sharding.Mesh | None = None, progre
     module, label = load_lib.load_model(args.ckpt or args.hf, args.step if args.ckpt else None, progress=progress,
                                         mesh=mesh)
     return module.config, nnx.to_pure_dict(nnx.state(module, nnx.Param)), tok, label
-
-
-def check_mesh(cfg: LlamaConfig, mesh: jax.sharding.Mesh) -> None:
-    """The model's heads (queries, and the cache's kv heads) must divide by the mesh's `tensor` axis."""
-    from cream_jax.sharding import MeshError
-
-    tensor = mesh.shape.get("tensor", 1)
-    for name in ("num_attention_heads", "num_key_value_heads"):
-        if getattr(cfg, name) % tensor:
-            raise MeshError(f"model {name}={getattr(cfg, name)} is not divisible by --mesh tensor={tensor}; "
-                            f"use a tensor size that divides it (the rest of the devices on data or fsdp)")
 
 
 def make_examples(task: str, tok: Tokenizer, *, lengths: Sequence[int] = (), depths: Sequence[float] = (),
@@ -228,8 +219,7 @@ def _chunk_nll(cfg: LlamaConfig, params: dict, tokens_BxC: jax.Array, cache: gen
                seq_len: int, targets_BxC: jax.Array) -> tuple[jax.Array, generate.KVCache]:
     """One chunk through the cache, and the NLL [B, C] of each next token `targets_BxC` (computed where the
     logits are, so no [B, C, V] array leaves the devices)."""
-    logits, cache = generate._extend(cfg, params, tokens_BxC, cache, num_new, seq_len, "all",
-                                     generate.DEFAULT_BLOCK, True)
+    logits, cache = generate.extend(cfg, params, tokens_BxC, cache, num_new, seq_len)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -jnp.take_along_axis(logp, targets_BxC[..., None], axis=-1)[..., 0], cache
 
@@ -245,8 +235,8 @@ def batch_nll(cfg: LlamaConfig, params: dict, ids_BxT: np.ndarray, chunk: int) -
     nll = []
     for s in range(0, T, chunk):
         piece = ids_BxT[:, s:s + chunk]
-        out, cache = _chunk_nll(cfg, params, generate._inputs(piece), cache, piece.shape[1], T,
-                                generate._inputs(targets_BxT[:, s:s + chunk]))
+        out, cache = _chunk_nll(cfg, params, generate.replicated(piece), cache, piece.shape[1], T,
+                                generate.replicated(targets_BxT[:, s:s + chunk]))
         nll.append(generate.to_host(out))
     return np.concatenate(nll, axis=1)[:, :T - 1]
 

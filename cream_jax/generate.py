@@ -90,7 +90,7 @@ def to_global(x: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
-def _inputs(x: np.ndarray) -> jax.Array:
+def replicated(x: np.ndarray) -> jax.Array:
     """Token ids for `extend`: replicated over the active mesh (every process passes the same ids)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
@@ -237,7 +237,7 @@ def prefill(cfg: LlamaConfig, params: dict, tokens_BxS: jax.typing.ArrayLike, ca
             piece = np.pad(piece, ((0, 0), (0, chunk - n)))
         if int(cache.length) + piece.shape[1] > cache.max_len:  # padding past the end: use the exact shape
             piece = piece[:, :n]
-        logits, cache = extend(cfg, params, _inputs(piece), cache, n, seq_len, logits="last", block=block,
+        logits, cache = extend(cfg, params, replicated(piece), cache, n, seq_len, logits="last", block=block,
                                skip=skip)
         last = logits[:, 0]
     return last, cache

@@ -201,11 +201,7 @@ def check(cfg: LlamaConfig, mesh: jax.sharding.Mesh, length: int, chunk: int, bl
     if batch % rows:
         raise EvalPlanError(f"--batch={batch} is not divisible by mesh.data * mesh.fsdp = {rows} (the cache's "
                             f"rows are sharded over them); use a multiple of {rows}.")
-    for name in ("num_attention_heads", "num_key_value_heads"):
-        if getattr(cfg, name) % mesh.shape["tensor"]:
-            raise sharding.MeshError(f"model {name}={getattr(cfg, name)} is not divisible by mesh.tensor="
-                                     f"{mesh.shape['tensor']}; shard heads over a divisor of it "
-                                     f"(--config.mesh.tensor=...).")
+    sharding.check_heads(cfg, mesh.shape["tensor"])
     shapes, specs = _param_shapes_and_specs(cfg, mesh)
     sharding.check_divisible(shapes, specs, mesh)
 

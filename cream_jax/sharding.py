@@ -21,6 +21,8 @@ from cream_jax.errors import CreamError
 if TYPE_CHECKING:
     from flax import nnx
 
+    from cream_jax.config import LlamaConfig
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or axes); None = replicated.
@@ -77,6 +79,15 @@ def param_specs(module: nnx.Module, rules: Mapping[str, str | tuple[str, ...] | 
     names = nnx.map_state(lambda _, v: v.get_metadata()["out_sharding"], nnx.state(module, nnx.Param))
     return jax.tree.map(lambda n: logical_to_spec(n, rules, mesh_axes), nnx.to_pure_dict(names),
                         is_leaf=lambda x: isinstance(x, tuple))
+
+
+def check_heads(cfg: LlamaConfig, tensor: int, axis: str = "mesh.tensor") -> None:
+    """The query and kv heads must divide by the `tensor` axis (`axis`: how the user sets it), which shards
+    them (parameters, activations and the KV cache)."""
+    for name in ("num_attention_heads", "num_key_value_heads"):
+        if getattr(cfg, name) % tensor:
+            raise MeshError(f"model {name}={getattr(cfg, name)} is not divisible by {axis}={tensor}; shard heads "
+                            f"over a divisor of it (the rest of the devices on data or fsdp).")
 
 
 def param_shardings(module: nnx.Module, mesh: jax.sharding.Mesh) -> dict:

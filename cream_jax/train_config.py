@@ -182,11 +182,13 @@ def buffer_length(c: ml_collections.ConfigDict) -> int:
 def check_model_fits_mesh(cfg: LlamaConfig, c: ml_collections.ConfigDict, num_devices: int) -> None:
     from cream_jax.sharding import mesh_shape
 
+    from cream_jax.sharding import MeshError, check_heads
+
     tensor = mesh_shape(dict(c.mesh), num_devices)[MESH_AXES.index("tensor")]
-    for name in ("num_attention_heads", "num_key_value_heads"):
-        if getattr(cfg, name) % tensor:
-            raise ConfigError(f"model {name}={getattr(cfg, name)} is not divisible by mesh.tensor={tensor}; "
-                              f"shard heads over a divisor of it.")
+    try:
+        check_heads(cfg, tensor)
+    except MeshError as e:
+        raise ConfigError(str(e)) from None
 
 
 def load_config(path: str | os.PathLike, **kwargs: Any) -> ml_collections.ConfigDict:
