@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
                          "train.target_length)")
     flags.DEFINE_integer("chunk", None, f"--eval: prefill tokens per chunk (evaluate's --chunk; default "
                          f"{plan_eval.DEFAULT_CHUNK}, or --length if shorter)")
-    flags.DEFINE_integer("block", plan_eval.generate.DEFAULT_BLOCK, "--eval: cache slots per attention key block")
+    flags.DEFINE_integer("block", plan_eval.generate.DEFAULT_BLOCK["tpu"], "--eval: cache slots per attention key block")
     flags.DEFINE_integer("batch", None, "--eval: sequences (default: one per batch shard, mesh.data * mesh.fsdp)")
     flags.DEFINE_bool("max_batch", True, "--eval: also find the largest batch that fits (a few more compiles)")
     flags.mark_flags_as_required(["config"])

@@ -465,7 +465,7 @@ def decode_floor_bytes(cfg: LlamaConfig, mesh: jax.sharding.Mesh, batch: int, le
 
 
 def plan_eval(c: ml_collections.ConfigDict, topology: str, length: int | None = None, chunk: int | None = None,
-              batch: int | None = None, block: int = generate.DEFAULT_BLOCK, mesh_sizes: dict | None = None,
+              batch: int | None = None, block: int = generate.DEFAULT_BLOCK["tpu"], mesh_sizes: dict | None = None,
               search_batch: bool = True, with_cost: bool = True, progress: Any = None) -> EvalPlan:
     """The evaluation plan of recipe `c` on `topology` (the module docstring); `mesh_sizes` replaces the default
     eval mesh (`default_mesh`), `batch` defaults to one row per batch shard, `length` to the recipe's target,
