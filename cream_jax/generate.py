@@ -34,36 +34,38 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cream_jax import rope
+from cream_jax import cache_kernel, rope
+from cream_jax import platform as platform_lib
 from cream_jax.config import LlamaConfig
 from cream_jax.model import attention_inputs, layer_output, layer_q_scale, output_logits
 from cream_jax.sharding import constrain, logical_to_spec
 
 _MASKED = -1e30
-CACHE_AXES = ("layers", "batch", "length", "activation_kv_heads", None)  # the cache [L, B, T, N, K] by logical names
+CACHE_AXES = ("layers", "batch", "activation_kv_heads", "length", None)  # the cache [L, B, N, T, K] by logical names
 # Cache slots per attention key block, by platform: a chunk's scores are [chunk, block] per head at a time. On
 # the CPU a block of 128 keeps each block's scores in cache (a 16K prefill is about a third faster than with
-# 512, the same logits); the TPU's matrix units want long blocks.
-DEFAULT_BLOCK = {"cpu": 128, "tpu": 512, "gpu": 512}
+# 512, the same logits). On TPU the kernel (`cache_kernel`) computes a block per grid step: 1024 makes a
+# prefill step's matmuls long against the step's fixed overhead and still fits the scoped VMEM.
+DEFAULT_BLOCK = {"cpu": 128, "tpu": 1024, "gpu": 512}
 
 
-def default_block(platform: str | None = None) -> int:
+def default_block(platform: str = "") -> int:
     """The key block `cached_attention` uses when none is given: `DEFAULT_BLOCK` for `platform` (default: JAX's
     default backend)."""
-    return DEFAULT_BLOCK.get(platform or jax.default_backend(), 512)
+    return DEFAULT_BLOCK.get(platform_lib.resolve(platform), 512)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    k: jax.Array  # [L, B, T, N, K]: keys of every layer, T cache slots
-    v: jax.Array  # [L, B, T, N, K]: values
+    k: jax.Array  # [L, B, N, T, K]: keys of every layer, T cache slots per kv head
+    v: jax.Array  # [L, B, N, T, K]: values
     length: jax.Array  # int32 []: slots filled so far (the same for every row)
     start: jax.Array  # int32 [B]: a row's first real slot (left padding before it is never attended)
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def cache_sharding(mesh: jax.sharding.Mesh) -> KVCache:
@@ -77,7 +79,7 @@ def cache_sharding(mesh: jax.sharding.Mesh) -> KVCache:
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, start_B: jax.typing.ArrayLike | None = None) -> KVCache:
     """An empty cache; `start_B` (default 0) is each row's left padding, for prompts of different lengths. On a
     mesh (`jax.set_mesh`) it is created in its shards (`cache_sharding`)."""
-    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
     dtype = jnp.dtype(cfg.dtype)
     start_B = np.zeros((batch,), np.int32) if start_B is None else np.asarray(start_B, np.int32)
 
@@ -116,15 +118,15 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _block_update(carry, q_BxNxGxCxK, k_BxSxNxK, v_BxSxNxK, visible_BxCxS):
+def _block_update(carry, q_BxNxGxCxK, k_BxNxSxK, v_BxNxSxK, visible_BxCxS):
     """One key block of the online softmax: the running (output, max, sum) updated with this block's keys."""
     o, m, row_sum = carry
-    s = jnp.einsum("bngck,bsnk->bngcs", q_BxNxGxCxK, k_BxSxNxK, preferred_element_type=jnp.float32)
+    s = jnp.einsum("bngck,bnsk->bngcs", q_BxNxGxCxK, k_BxNxSxK, preferred_element_type=jnp.float32)
     s = jnp.where(visible_BxCxS[:, None, None], s, _MASKED)
     m_new = jnp.maximum(m, s.max(-1))
     p = jnp.where(visible_BxCxS[:, None, None], jnp.exp(s - m_new[..., None]), 0.0)
     correction = jnp.exp(m - m_new)
-    pv = jnp.einsum("bngcs,bsnk->bngck", p.astype(v_BxSxNxK.dtype), v_BxSxNxK, preferred_element_type=jnp.float32)
+    pv = jnp.einsum("bngcs,bnsk->bngck", p.astype(v_BxNxSxK.dtype), v_BxNxSxK, preferred_element_type=jnp.float32)
     return o * correction[..., None] + pv, m_new, row_sum * correction + p.sum(-1)
 
 
@@ -141,30 +143,43 @@ def block_range(cache: KVCache, num_tokens: int, block: int | None, skip: bool =
     return first.astype(jnp.int32), last.astype(jnp.int32)
 
 
+def use_kernel(kernel: bool | None, platform: str = "") -> bool:
+    """Whether `cached_attention` runs the Pallas kernel (`cache_kernel`): by default on TPU only."""
+    return platform_lib.resolve(platform) == "tpu" if kernel is None else kernel
+
+
 def cached_attention(q_BxCxHxK: jax.Array, cache: KVCache, layer: jax.Array, block: int | None = None,
-                     skip: bool = True) -> jax.Array:
+                     skip: bool = True, kernel: bool | None = None, platform: str = "") -> jax.Array:
     """Attention of C new queries (at slots [length, length + C), their keys already written) against layer
     `layer` of the cache, key block by key block with an online softmax: memory O(C x block) per layer, and
     only the blocks `block_range` names are computed. A row sees its slots from `start` up to each query's
-    own slot."""
+    own slot. `kernel` (default: where `platform`, the compiler traced for, is a TPU) runs it as one Pallas
+    kernel (`cache_kernel`, interpreted off TPU) where the block is a multiple of 128 slots, skipping blocks
+    per row and per query block."""
     B, C, H, K = q_BxCxHxK.shape
-    T, N = cache.max_len, cache.k.shape[3]
-    block = min(block or default_block(), T)
+    T, N = cache.max_len, cache.k.shape[2]
+    block = min(block or default_block(platform), T)
     G = H // N
-    q_BxNxGxCxK = (q_BxCxHxK.astype(jnp.float32) * K ** -0.5).astype(q_BxCxHxK.dtype)
-    q_BxNxGxCxK = q_BxNxGxCxK.reshape(B, C, N, G, K).transpose(0, 2, 3, 1, 4)
+    q_BxCxHxK_scaled = (q_BxCxHxK.astype(jnp.float32) * K ** -0.5).astype(q_BxCxHxK.dtype)
+    if use_kernel(kernel, platform) and skip and cache_kernel.supported(block):
+        q_BxNxRxK = q_BxCxHxK_scaled.reshape(B, C, N, G, K).transpose(0, 2, 1, 3, 4).reshape(B, N, C * G, K)
+        out_BxNxRxK = cache_kernel.cache_attention(q_BxNxRxK, cache.k, cache.v, layer, cache.length, cache.start,
+                                                   group=G, block=block,
+                                                   interpret=platform_lib.resolve(platform) != "tpu")
+        return out_BxNxRxK.reshape(B, N, C, G, K).transpose(0, 2, 1, 3, 4).reshape(B, C, H, K)
+    q_BxNxGxCxK = q_BxCxHxK_scaled.reshape(B, C, N, G, K).transpose(0, 2, 3, 1, 4)
     query_slot_C = cache.length + jnp.arange(C, dtype=jnp.int32)
 
     def step(j, carry):
         nominal = j * block
         first_slot = jnp.minimum(nominal, T - block)  # the last block overlaps the one before when T % block
-        k_BxSxNxK = jax.lax.dynamic_slice(cache.k, (layer, 0, first_slot, 0, 0), (1, B, block, N, K))[0]
-        v_BxSxNxK = jax.lax.dynamic_slice(cache.v, (layer, 0, first_slot, 0, 0), (1, B, block, N, K))[0]
+        k_BxNxSxK = jax.lax.dynamic_slice(cache.k, (layer, 0, 0, first_slot, 0), (1, B, N, block, K))[0]
+        v_BxNxSxK = jax.lax.dynamic_slice(cache.v, (layer, 0, 0, first_slot, 0), (1, B, N, block, K))[0]
         slot_S = first_slot + jnp.arange(block, dtype=jnp.int32)
         visible_BxCxS = ((slot_S >= nominal)[None, None, :]  # overlapping slots count in their own block only
                          & (slot_S[None, None, :] <= query_slot_C[None, :, None])
                          & (slot_S[None, :] >= cache.start[:, None])[:, None, :])
-        return _block_update(carry, q_BxNxGxCxK, k_BxSxNxK, v_BxSxNxK, visible_BxCxS)
+        return _block_update(carry, q_BxNxGxCxK, k_BxNxSxK, v_BxNxSxK, visible_BxCxS)
 
     init = (jnp.zeros((B, N, G, C, K), jnp.float32), jnp.full((B, N, G, C), _MASKED, jnp.float32),
             jnp.zeros((B, N, G, C), jnp.float32))
@@ -181,7 +196,7 @@ def sequence_end(cache: KVCache, num_tokens: int | jax.Array) -> jax.Array:
 
 
 def _extend(cfg: LlamaConfig, params: dict, tokens_BxC: jax.Array, cache: KVCache, num_new, seq_len,
-            logits: str, block: int, skip: bool) -> tuple[jax.Array, KVCache]:
+            logits: str, block: int, skip: bool, kernel: bool | None = None) -> tuple[jax.Array, KVCache]:
     B, C = tokens_BxC.shape
     num_new = C if num_new is None else num_new
     seq_len = sequence_end(cache, num_new) if seq_len is None else seq_len
@@ -197,11 +212,12 @@ def _extend(cfg: LlamaConfig, params: dict, tokens_BxC: jax.Array, cache: KVCach
         x_BxCxD, k_cache, v_cache = carry
         p, index = inputs
         q, k, v = attention_inputs(cfg, p, x_BxCxD, cos_BxCxK, sin_BxCxK, layer_q_scale(cfg, q_scale_BxC, index))
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], (index, 0, cache.length, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], (index, 0, cache.length, 0, 0))
+        k_BxNxCxK, v_BxNxCxK = (x.astype(k_cache.dtype).transpose(0, 2, 1, 3)[None] for x in (k, v))
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k_BxNxCxK, (index, 0, 0, cache.length, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v_BxNxCxK, (index, 0, 0, cache.length, 0))
         k_cache, v_cache = (constrain(x, CACHE_AXES) for x in (k_cache, v_cache))  # heads over `tensor`
         filled = KVCache(k_cache, v_cache, cache.length, cache.start)
-        attn = cached_attention(q, filled, index, block, skip)
+        attn = cached_attention(q, filled, index, block, skip, kernel, cfg.platform)
         return (layer_output(cfg, p, x_BxCxD, attn), k_cache, v_cache), None
 
     layers = (params["model"]["layers"], jnp.arange(cfg.num_hidden_layers))
@@ -211,10 +227,12 @@ def _extend(cfg: LlamaConfig, params: dict, tokens_BxC: jax.Array, cache: KVCach
     return output_logits(cfg, params, x_BxCxD), KVCache(k_cache, v_cache, cache.length + num_new, cache.start)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("logits", "block", "skip"), donate_argnums=3)
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("logits", "block", "skip", "kernel"),
+                   donate_argnums=3)
 def extend(cfg: LlamaConfig, params: dict, tokens_BxC: jax.Array, cache: KVCache,
            num_new: int | jax.Array | None = None, seq_len: int | jax.Array | None = None, *,
-           logits: str = "all", block: int | None = None, skip: bool = True) -> tuple[jax.Array, KVCache]:
+           logits: str = "all", block: int | None = None, skip: bool = True,
+           kernel: bool | None = None) -> tuple[jax.Array, KVCache]:
     """Feed C tokens at slots [length, length + C): (logits, the cache with their keys and values).
 
     `logits`: "all" [B, C, V], or "last" [B, 1, V], the last real token's only (a prefill needs no other).
@@ -222,13 +240,14 @@ def extend(cfg: LlamaConfig, params: dict, tokens_BxC: jax.Array, cache: KVCache
     padding's slots are overwritten by the next call. `seq_len` is the length of the whole sequence these
     tokens belong to, for dynamic NTK RoPE (`rope.inv_freq_for`; default: up to the last real token here):
     `prefill` passes the whole prompt's, so chunks rotate as one forward pass over the prompt would.
-    `block`, `skip`: `cached_attention`'s key block (None: `default_block()`) and whether it skips blocks no
-    query sees."""
-    return _extend(cfg, params, tokens_BxC, cache, num_new, seq_len, logits, block, skip)
+    `block`, `skip`, `kernel`: `cached_attention`'s key block (None: `default_block()`), whether it skips
+    blocks no query sees, and whether it runs the Pallas kernel (None: on TPU)."""
+    return _extend(cfg, params, tokens_BxC, cache, num_new, seq_len, logits, block, skip, kernel)
 
 
 def prefill(cfg: LlamaConfig, params: dict, tokens_BxS: jax.typing.ArrayLike, cache: KVCache,
-            chunk: int = 512, block: int | None = None, skip: bool = True) -> tuple[jax.Array, KVCache]:
+            chunk: int = 512, block: int | None = None, skip: bool = True,
+            kernel: bool | None = None) -> tuple[jax.Array, KVCache]:
     """Feed a prompt in chunks of `chunk` tokens (the last one padded, so only two shapes compile).
 
     Returns (logits of the prompt's last token [B, V], cache)."""
@@ -249,15 +268,17 @@ def prefill(cfg: LlamaConfig, params: dict, tokens_BxS: jax.typing.ArrayLike, ca
         if int(cache.length) + piece.shape[1] > cache.max_len:  # padding past the end: use the exact shape
             piece = piece[:, :n]
         logits, cache = extend(cfg, params, replicated(piece), cache, n, seq_len, logits="last", block=block,
-                               skip=skip)
+                               skip=skip, kernel=kernel)
         last = logits[:, 0]
     return last, cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4), static_argnames=("stop_token", "block"), donate_argnums=3)
+@functools.partial(jax.jit, static_argnums=(0, 4), static_argnames=("stop_token", "block", "kernel"),
+                   donate_argnums=3)
 def decode(cfg: LlamaConfig, params: dict, logits_BxV: jax.Array, cache: KVCache, steps: int,
            temperature: float | jax.Array = 0.0, key: jax.Array | None = None, *,
-           stop_token: int | None = None, block: int | None = None) -> tuple[jax.Array, jax.Array, KVCache]:
+           stop_token: int | None = None, block: int | None = None,
+           kernel: bool | None = None) -> tuple[jax.Array, jax.Array, KVCache]:
     """Up to `steps` tokens after a prefill, in one compiled loop (one dispatch, no host round trip per token):
     each picked from the current logits (greedy at temperature 0, else sampled with `fold_in(key, i)`), then fed
     through the cache. Stops early once every row has produced `stop_token`. Returns (tokens [B, steps], the
@@ -279,7 +300,7 @@ def decode(cfg: LlamaConfig, params: dict, logits_BxV: jax.Array, cache: KVCache
         tokens_BxN = jax.lax.dynamic_update_slice(tokens_BxN, next_B[:, None], (0, i))
         if stop_token is not None:
             done_B = done_B | (next_B == stop_token)
-        logits_Bx1xV, cache = _extend(cfg, params, next_B[:, None], cache, 1, None, "last", block, True)
+        logits_Bx1xV, cache = _extend(cfg, params, next_B[:, None], cache, 1, None, "last", block, True, kernel)
         return i + 1, logits_Bx1xV[:, 0], cache, tokens_BxN, done_B
 
     init = (jnp.int32(0), logits_BxV, cache, jnp.zeros((B, steps), jnp.int32), jnp.zeros((B,), bool))
@@ -299,7 +320,7 @@ def generate(cfg: LlamaConfig, params: dict, prompt_BxS: jax.typing.ArrayLike, m
              temperature: float = 0.0,
              key: jax.Array | None = None, chunk: int = 512, max_len: int | None = None,
              stop_token: int | None = None, start_B: jax.typing.ArrayLike | None = None,
-             block: int | None = None) -> np.ndarray:
+             block: int | None = None, kernel: bool | None = None) -> np.ndarray:
     """Prompt plus up to `max_new_tokens` tokens [B, S + new]: greedy at temperature 0, else sampled with `key`;
     fewer when every row has produced `stop_token`.
 
@@ -310,9 +331,9 @@ def generate(cfg: LlamaConfig, params: dict, prompt_BxS: jax.typing.ArrayLike, m
     if temperature > 0 and key is None:
         raise ValueError("sampling (temperature > 0) needs a PRNG key")
     cache = init_cache(cfg, B, max_len or S + max_new_tokens, start_B)
-    logits_BxV, cache = prefill(cfg, params, prompt_BxS, cache, chunk, block)
+    logits_BxV, cache = prefill(cfg, params, prompt_BxS, cache, chunk, block, kernel=kernel)
     if max_new_tokens == 0:
         return prompt_BxS
     tokens_BxN, n, _ = decode(cfg, params, logits_BxV, cache, max_new_tokens, temperature, key,
-                              stop_token=stop_token, block=block)
+                              stop_token=stop_token, block=block, kernel=kernel)
     return np.concatenate([prompt_BxS, to_host(tokens_BxN)[:, :int(to_host(n))]], axis=1)

@@ -1,7 +1,7 @@
 """Plan an evaluation before renting the TPUs: compile the real prefill and decode programs for a TPU topology.
 
     python -m cream_jax.plan --eval --config=configs/llama2_7b_cream_256k.py --topology=v5p-8 --length=262144 \\
-        [--chunk=2048] [--block=512] [--batch=N] [--json=plan.json]
+        [--chunk=2048] [--block=1024] [--batch=N] [--json=plan.json]
 
 The programs are `generate.extend`, the jitted function evaluation runs: one prefill chunk (C = `--chunk`
 tokens, `logits="last"`, as `generate.prefill` calls it) and one decode step (C = 1, as `generate.decode`'s
@@ -51,6 +51,14 @@ they are added at HBM bandwidth. Not in the figures: the loop's own overhead per
 carries). The cost compiles turn off XLA's collective matmuls (as the train planner's do: loops over the
 shards on larger meshes).
 
+With the attention kernel (on TPU, `generate.use_kernel`; `cache_kernel`), the real programs call it once
+per layer, and the compiler costs a Pallas kernel at nothing. The estimate then takes outside and layer from
+the cost compiles above (which run XLA's block loop, `kernel=False`, with their own cache copies replaced by
+the real program's, `with_copies`) and adds the kernel's work as `cache_kernel.work` counts it from the
+kernel's grid: each step that computes is bound by its matmuls at peak or its key and value blocks at HBM
+bandwidth, every step costs `cache_kernel.STEP_OVERHEAD_S`. That part is a model, not the compiler's figure;
+the XLA loop's estimate is printed beside it.
+
 libtpu refuses to compile a program whose temporaries exceed HBM: such a batch does not fit, with the
 temporaries the compiler named.
 """
@@ -76,7 +84,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cream_jax import cli, generate, sharding, tpu
+from cream_jax import cache_kernel, cli, generate, sharding, tpu
 from cream_jax import flops as flops_lib
 from cream_jax import model as model_lib
 from cream_jax import train_config as tc
@@ -150,6 +158,7 @@ class EvalPlan:
     code_gib: float | None
     prefill_total_gib: float | None
     decode_total_gib: float | None
+    attention: str  # "kernel" (cache_kernel, Pallas) or "xla" (generate's key-block loop)
     cache_copies_prefill: int  # whole-cache (k or v) layout copies per call of the program, each read and written
     cache_copies_decode: int
     fits: bool
@@ -170,6 +179,10 @@ class EvalPlan:
     compiler_bytes_decode: float | None  # per chip, from the parts
     prefill_parts: dict | None  # {outside, layer, block}: Cost fields per chip
     decode_parts: dict | None
+    prefill_xla_seconds: float | None  # the same prompt with XLA's key-block loop instead of the kernel
+    decode_xla_ms: float | None
+    prefill_kernel: dict | None  # the kernel's work, all layers and chunks: steps, computed, flops, bytes, seconds,
+    decode_kernel: dict | None  # overhead_seconds (per chip); None where attention is "xla"
     compile_seconds: float
     notes: list[str]
 
@@ -222,7 +235,7 @@ def abstract_inputs(cfg: LlamaConfig, mesh: jax.sharding.Mesh, batch: int, chunk
     params = jax.tree.map(lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, p)),
                           shapes, specs, is_leaf=lambda x: isinstance(x, P))
     where = generate.cache_sharding(mesh)
-    kv = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    kv = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, length, cfg.head_dim)
     dtype = jnp.dtype(cfg.dtype)
     cache = generate.KVCache(jax.ShapeDtypeStruct(kv, dtype, sharding=where.k),
                              jax.ShapeDtypeStruct(kv, dtype, sharding=where.v),
@@ -306,7 +319,7 @@ def cost_compile(cfg: LlamaConfig, mesh: jax.sharding.Mesh, batch: int, chunk: i
     args = abstract_inputs(cfg, mesh, batch, chunk, length, decode)
 
     def extend_costed(params, tokens, cache, num_new, seq_len):
-        return generate._extend(cfg, params, tokens, cache, num_new, seq_len, "last", block, True)
+        return generate._extend(cfg, params, tokens, cache, num_new, seq_len, "last", block, True, kernel=False)
 
     fn = jax.jit(extend_costed, donate_argnums=2)
     with cost_loops(blocks, layers_per_iteration), jax.set_mesh(mesh):
@@ -351,6 +364,44 @@ def visited_blocks(length: int, chunk: int, block: int) -> list[int]:
     block = min(block, length)
     total = -(-length // block)
     return [min(-(-((i + 1) * chunk) // block), total) for i in range(length // chunk)]
+
+
+def with_copies(outside: Cost, extra: int, copy: Cost) -> Cost:
+    """`outside` with `extra` more whole-cache copies (fewer where negative: those the cost compiles made and
+    the real program does not). Copies removed take their share of the compiler's time by bytes, since the
+    compiler's time for a copy is not the bandwidth's."""
+    if extra >= 0:
+        return outside + extra * copy
+    kept = max(0.0, 1.0 + extra * copy.bytes / outside.bytes) if outside.bytes > 0 else 1.0
+    return Cost(outside.seconds * kept, outside.flops, outside.bytes * kept)
+
+
+def kernel_work(cfg: LlamaConfig, mesh: jax.sharding.Mesh, batch: int, chunk: int, length: int, block: int,
+                peak: float, bandwidth: float) -> tuple[dict, dict]:
+    """The attention kernel's work per chip (`cache_kernel.work`, its time modeled by `KernelWork.seconds`),
+    over every layer: a whole prompt's prefill (its chunks at slots 0, C, 2C, ...) and one decode step at the
+    full context. The Pallas kernel reports no cost to XLA's cost analysis, hence a model."""
+    rows_local = batch // (mesh.shape["data"] * mesh.shape["fsdp"])
+    heads_local = cfg.num_key_value_heads // mesh.shape["tensor"]
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    layers = cfg.num_hidden_layers
+
+    def total(calls: list) -> dict:
+        out = {"steps": 0, "computed": 0, "flops": 0.0, "bytes": 0.0, "seconds": 0.0, "overhead_seconds": 0.0}
+        for w in calls:
+            out["steps"] += layers * w.steps
+            out["computed"] += layers * w.computed
+            out["flops"] += layers * w.computed * w.step_flops
+            out["bytes"] += layers * (w.computed * w.step_bytes + w.io_bytes)
+            out["seconds"] += layers * w.seconds(peak, bandwidth)
+            out["overhead_seconds"] += layers * w.steps * cache_kernel.STEP_OVERHEAD_S
+        return out
+
+    work = functools.partial(cache_kernel.work, rows_local, heads_local, group, slots=length, block=block,
+                             head_dim=cfg.head_dim, itemsize=itemsize)
+    prefill = [work(tokens=chunk, length=i * chunk) for i in range(length // chunk)]
+    return total(prefill), total([work(tokens=1, length=length - 1)])
 
 
 # ----------------------------------------------------------------------------- memory
@@ -489,6 +540,7 @@ def plan_eval(c: ml_collections.ConfigDict, topology: str, length: int | None = 
     peak = chip.peak_flops if chip else float("nan")
     bandwidth = chip.hbm_bytes_per_s if chip else float("nan")
     block = min(block, length)
+    kernel = generate.use_kernel(None, cfg.platform) and cache_kernel.supported(block)
 
     params, _, cache, _, _ = abstract_inputs(cfg, mesh, batch, chunk, length)
     weights, cache_bytes = per_chip_bytes(params), per_chip_bytes((cache.k, cache.v))
@@ -521,6 +573,8 @@ def plan_eval(c: ml_collections.ConfigDict, topology: str, length: int | None = 
     decode_blocks = -(-length // block)
     prefill = decode = None
     prefill_cost = decode_cost = None
+    prefill_kernel = decode_kernel = None
+    xla_prefill_s = xla_decode_s = None
     if with_cost and fits:
         say("cost compiles of the prefill chunk: 1 and 2 key blocks, 1 and more layers per iteration")
         prefill = cost_parts(cfg, mesh, batch, chunk, length, block)
@@ -529,14 +583,25 @@ def plan_eval(c: ml_collections.ConfigDict, topology: str, length: int | None = 
         n = cfg.num_hidden_layers
         copy = Cost(cache_bytes / bandwidth, 0.0, cache_bytes)  # one array (k or v), read and written
         for name, parts, m in (("prefill chunk", prefill, prefill_mem), ("decode step", decode, decode_mem)):
-            if extra := m.cache_copies - parts.cache_copies:  # the compiler laid the cost compiles out otherwise
+            if not kernel and (extra := m.cache_copies - parts.cache_copies):  # the compiler laid the cost compiles out otherwise
                 parts.outside, parts.cache_copies = parts.outside + extra * copy, m.cache_copies
                 notes.append(f"the {name} cost compiles copy the whole cache {m.cache_copies - extra} times, the "
                              f"program itself {m.cache_copies}: {extra:+d} copies at HBM bandwidth added")
         prefill_cost = len(blocks) * (prefill.outside + n * prefill.layer) + n * sum(blocks) * prefill.block
         decode_cost = decode.total(n, decode_blocks)
-        notes.append(f"not in the estimates: the key-block loop's own overhead per iteration ({n * sum(blocks)} "
-                     f"iterations per prefill, {n * decode_blocks} per decode step)")
+        xla_prefill_s, xla_decode_s = prefill_cost.seconds, decode_cost.seconds
+        if kernel:
+            prefill_kernel, decode_kernel = kernel_work(cfg, mesh, batch, chunk, length, block, peak, bandwidth)
+            kernel_cost = {}
+            for name, parts, m, kw, calls in (("prefill", prefill, prefill_mem, prefill_kernel, len(blocks)),
+                                              ("decode", decode, decode_mem, decode_kernel, 1)):
+                outside = with_copies(parts.outside, m.cache_copies - parts.cache_copies, copy)
+                kw["outside"] = dataclasses.asdict(outside)
+                kernel_cost[name] = calls * (outside + n * parts.layer) + Cost(kw["seconds"], kw["flops"], kw["bytes"])
+            prefill_cost, decode_cost = kernel_cost["prefill"], kernel_cost["decode"]
+        else:
+            notes.append(f"not in the estimates: the key-block loop's own overhead per iteration ({n * sum(blocks)} "
+                         f"iterations per prefill, {n * decode_blocks} per decode step)")
     compile_seconds = time.perf_counter() - t0
 
     model_flops = batch * flops_lib.prefill_flops(cfg, length) / chips
@@ -559,7 +624,7 @@ def plan_eval(c: ml_collections.ConfigDict, topology: str, length: int | None = 
         code_gib=None if prefill_mem.code is None else prefill_mem.code / GIB,
         prefill_total_gib=None if prefill_mem.total is None else prefill_mem.total / GIB,
         decode_total_gib=None if decode_mem.total is None else decode_mem.total / GIB,
-        cache_copies_prefill=prefill_mem.cache_copies, cache_copies_decode=decode_mem.cache_copies,
+        attention="kernel" if kernel else "xla", cache_copies_prefill=prefill_mem.cache_copies, cache_copies_decode=decode_mem.cache_copies,
         fits=fits, max_batch=max_batch, max_batch_method=how,
         prefill_chunks=len(blocks), prefill_blocks_visited=sum(blocks), prefill_seconds=prefill_s,
         prefill_flop_floor_seconds=prefill_floor,
@@ -570,6 +635,9 @@ def plan_eval(c: ml_collections.ConfigDict, topology: str, length: int | None = 
         decode_bytes_floor=floor_bytes, compiler_bytes_decode=decode_cost.bytes if decode_cost else None,
         prefill_parts=dataclasses.asdict(prefill) if prefill else None,
         decode_parts=dataclasses.asdict(decode) if decode else None,
+        prefill_xla_seconds=xla_prefill_s if prefill_s is not None else None,
+        decode_xla_ms=xla_decode_s * 1e3 if decode_s is not None else None,
+        prefill_kernel=prefill_kernel, decode_kernel=decode_kernel,
         compile_seconds=compile_seconds, notes=notes)
 
 
@@ -612,6 +680,9 @@ def table(plans: list[EvalPlan]) -> str:
         ("decode: est. ms per token at the full context", lambda p: _fmt(p.decode_ms, " ms", 3)),
         ("decode: HBM floor (weights + cache read)", lambda p: _fmt(p.decode_hbm_floor_ms, " ms", 3)),
         ("decode: est. / floor", lambda p: _fmt(p.decode_ratio, "x")),
+        ("attention", lambda p: "Pallas kernel (modeled)" if p.attention == "kernel" else "XLA key-block loop"),
+        ("prefill: est. with XLA's key-block loop", lambda p: _fmt(p.prefill_xla_seconds, " s")),
+        ("decode: est. with XLA's key-block loop", lambda p: _fmt(p.decode_xla_ms, " ms", 3)),
     ]
     lines = ["| " + " | ".join(["", *[p.topology for p in plans]]) + " |", "|" + "---|" * (len(plans) + 1)]
     lines += [f"| {label} | " + " | ".join(str(cell(p)) for p in plans) + " |" for label, cell in rows]
@@ -619,32 +690,45 @@ def table(plans: list[EvalPlan]) -> str:
 
 
 def time_table(p: EvalPlan, chip: flops_lib.Chip | None = None) -> str:
-    """Where the time goes: each part's estimated time, its FLOPs at peak and bytes at HBM bandwidth, per chip."""
+    """Where the time goes: each part's estimated time, its FLOPs at peak and bytes at HBM bandwidth, per chip.
+    With the kernel, its computing steps and its grid-step overhead take the place of the key blocks."""
     if p.prefill_parts is None or p.decode_parts is None:
         return ""
     family = next((k for k in flops_lib.CHIPS if p.topology.startswith(k)), None)
     chip = chip or flops_lib.CHIPS.get(family)
-    layers = p.layers
+    layers, kernel = p.layers, p.attention == "kernel"
+    copy_s = p.cache_gib * GIB / chip.hbm_bytes_per_s  # one whole-cache array (k or v) read and written
     lines = ["| part | count | est. time | share | FLOPs at peak | bytes at HBM bandwidth |",
              "|---|---|---|---|---|---|"]
-    for program, parts, counts, copies, unit, scale in (
-            ("prefill", p.prefill_parts, {"outside": p.prefill_chunks, "layer": p.prefill_chunks * layers,
-                                          "block": p.prefill_blocks_visited * layers},
-             p.cache_copies_prefill * p.prefill_chunks, "s", 1.0),
-            ("decode", p.decode_parts, {"outside": 1, "layer": layers, "block": p.decode_blocks_visited * layers},
-             p.cache_copies_decode, "ms", 1e3)):
-        total = sum(parts[k]["seconds"] * n for k, n in counts.items())
-        for key, label in (("outside", "outside the layers"), ("layer", "a layer without attention"),
-                           ("block", "a key block")):
-            n, cost = counts[key], parts[key]
-            at_peak = cost["flops"] * n / chip.peak_flops * scale
-            at_bandwidth = cost["bytes"] * n / chip.hbm_bytes_per_s * scale
-            lines.append(f"| {program}: {label} | {n} | {cost['seconds'] * n * scale:.4g} {unit} | "
-                         f"{cost['seconds'] * n / total:.1%} | {at_peak:.4g} {unit} | {at_bandwidth:.4g} {unit} |")
-            if key == "outside" and copies:  # a read and a write of one cache array (k or v) each
-                seconds = copies * p.cache_gib * GIB / chip.hbm_bytes_per_s
-                lines.append(f"| {program}: of which whole-cache layout copies | {copies} | {seconds * scale:.4g} "
-                             f"{unit} | {seconds / total:.1%} | 0 | {seconds * scale:.4g} {unit} |")
+    for program, parts, kw, chunks, blocks, copies, unit, scale in (
+            ("prefill", p.prefill_parts, p.prefill_kernel, p.prefill_chunks, p.prefill_blocks_visited,
+             p.cache_copies_prefill, "s", 1.0),
+            ("decode", p.decode_parts, p.decode_kernel, 1, p.decode_blocks_visited, p.cache_copies_decode, "ms", 1e3)):
+        outside = parts["outside"]
+        if kernel:  # the cost compiles' copies replaced by the kernel program's own (`with_copies`)
+            outside = kw["outside"]
+            rows = [("outside the layers", chunks, outside), ("a layer without attention", chunks * layers,
+                                                               parts["layer"])]
+            overhead = kw["overhead_seconds"]
+            rows += [("attention kernel: steps that compute", kw["computed"],
+                      {"seconds": kw["seconds"] - overhead, "flops": kw["flops"], "bytes": kw["bytes"]}, 1),
+                     ("attention kernel: grid-step overhead (all steps)", kw["steps"],
+                      {"seconds": overhead, "flops": 0.0, "bytes": 0.0}, 1)]
+        else:
+            rows = [("outside the layers", chunks, outside), ("a layer without attention", chunks * layers,
+                                                               parts["layer"]),
+                    ("a key block", blocks * layers, parts["block"])]
+        rows = [(label, n, cost, 1 if len(row) > 3 else n) for row in rows for label, n, cost, *_ in [row]]
+        total = sum(cost["seconds"] * mult for _, _, cost, mult in rows)
+        for label, n, cost, mult in rows:
+            at_peak = cost["flops"] * mult / chip.peak_flops * scale
+            at_bandwidth = cost["bytes"] * mult / chip.hbm_bytes_per_s * scale
+            lines.append(f"| {program}: {label} | {n} | {cost['seconds'] * mult * scale:.4g} {unit} | "
+                         f"{cost['seconds'] * mult / total:.1%} | {at_peak:.4g} {unit} | {at_bandwidth:.4g} {unit} |")
+            if label == "outside the layers" and copies:
+                seconds = copies * chunks * copy_s
+                lines.append(f"| {program}: of which whole-cache layout copies | {copies * chunks} | "
+                             f"{seconds * scale:.4g} {unit} | {seconds / total:.1%} | 0 | {seconds * scale:.4g} {unit} |")
     return "\n".join(lines)
 
 

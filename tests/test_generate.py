@@ -1,13 +1,15 @@
 """KV-cache generation: chunked prefill and decode steps equal full recomputation for every RoPE type and
 EABF; greedy generation equals transformers' `generate` on the exported model."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from cream_jax import generate, hf
+from cream_jax import generate, hf, sharding
 from cream_jax import model as model_lib
 from cream_jax.config import preset
 
@@ -24,7 +26,7 @@ ROPES = {
 
 
 def _model(**overrides):
-    cfg = preset("debug", vocab_size=97, max_position_embeddings=64, num_key_value_heads=2, **overrides)
+    cfg = preset("debug", **{"vocab_size": 97, "max_position_embeddings": 64, "num_key_value_heads": 2, **overrides})
     module = model_lib.init(cfg, seed=1)
     params = nnx.to_pure_dict(nnx.state(module, nnx.Param))
     params = jax.tree.map(lambda x: x * 8.0 if x.ndim > 1 else x, params)  # large weights: errors would show
@@ -131,7 +133,7 @@ def test_generation_on_a_mesh_shards_the_cache_over_heads():
         sharded = generate.generate(cfg, params, prompt, 8, chunk=4)
         _, cache = generate.prefill(cfg, params, prompt, generate.init_cache(cfg, 2, 16), chunk=4)
     assert (sharded == alone).all()
-    assert cache.k.sharding.spec[3] == "tensor"  # [layers, batch, slots, kv heads, head_dim]
+    assert cache.k.sharding.spec[2] == "tensor"  # [layers, batch, kv heads, slots, head_dim]
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +192,44 @@ def test_dynamic_ntk_perplexity_in_chunks_equals_transformers(dynamic_export, to
     theirs = -logp[np.arange(199), ids[1:]]
     ours = evaluate.sequence_nll(cfg, params, ids, chunk=48)
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv_heads, mesh", [(4, None), (1, None), (2, {"data": 1, "fsdp": 1, "tensor": 2})])
+def test_pallas_kernel_equals_the_block_loop(kv_heads, mesh):
+    """The TPU kernel (`cache_kernel`, interpreted here) against `cached_attention`'s block loop: EABF, MHA and
+    grouped heads (G = 4, 2), left padding (one row's first key block all padding), a cache of 300 slots in
+    blocks of 128 (the last block partly past the end), a prefill in chunks of 64 and a decode; on a mesh with
+    kv heads over `tensor`, inside shard_map."""
+    cfg, params = _model(num_key_value_heads=kv_heads, **ROPES["eabf"])
+    rng = np.random.default_rng(5)
+    tokens, start = generate.left_pad([list(rng.integers(3, cfg.vocab_size, n)) for n in (150, 290)])
+
+    def run(kernel):
+        cache = generate.init_cache(cfg, 2, 300, start)
+        logits, cache = generate.prefill(cfg, params, tokens, cache, chunk=64, block=128, kernel=kernel)
+        new, n, _ = generate.decode(cfg, params, logits, cache, 6, block=128, kernel=kernel)
+        return np.asarray(logits), np.asarray(new)
+
+    with jax.set_mesh(sharding.make_mesh(mesh, jax.devices()[:2])) if mesh else contextlib.nullcontext():
+        (loop_logits, loop_new), (kernel_logits, kernel_new) = run(False), run(True)
+    scale = np.abs(loop_logits).max()
+    np.testing.assert_allclose(kernel_logits / scale, loop_logits / scale, atol=1e-5)
+    assert (kernel_new == loop_new).all()
+
+
+def test_kernel_work_counts_the_blocks_the_loop_visits():
+    """The planner's model of the kernel (`cache_kernel.work`) computes, over a prompt's chunks, the key blocks
+    `generate.block_range` visits (one query block per chunk, G = 1), per group of kv heads and row; a decode
+    step at a full cache computes every block, all heads in one step per block."""
+    from cream_jax import cache_kernel, plan_eval
+
+    length, chunk, block = 4096, 512, 256
+    groups = 4 // cache_kernel.heads_per_step(4, chunk)  # two heads per step: 2 x 512 query rows
+    assert groups == 2
+    chunks = [cache_kernel.work(2, 4, 1, chunk, length, block, 64, 2, i * chunk) for i in range(length // chunk)]
+    assert sum(w.computed for w in chunks) == 2 * groups * sum(plan_eval.visited_blocks(length, chunk, block))
+    assert all(w.steps == 2 * groups * (length // block) for w in chunks)
+    step = cache_kernel.work(2, 4, 4, 1, length, block, 64, 2, length - 1)
+    assert (step.steps, step.computed) == (2 * length // block, 2 * length // block)
+    assert step.step_bytes == 2 * 4 * block * 64 * 2

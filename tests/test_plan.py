@@ -223,13 +223,15 @@ def _gqa_eval_config(**overrides):
 
 
 def test_prefill_chunk_temporaries_grow_linearly_in_the_cache_length():
-    """The real prefill chunk program (generate.extend, AOT for one v5e chip): for a fixed chunk, its
+    """The real prefill chunk program (generate.extend with the kernel, AOT for one v5e chip): for a fixed chunk, its
     temporaries grow linearly in the cache length from 8K to 64K slots, by no more than twice the cache's own
     bytes per slot (a copy of it would be once): no chunk x cache-length score matrix, which a plain
     softmax(q k^T) v over the cache, compiled beside it, shows."""
     from cream_jax import plan_eval
 
-    cfg, chunk = _gqa_eval_config(), 512
+    # head_dim 128, as the 7-8B models: with 64 the TPU's default layout of the cache puts slots minor, and the
+    # kernel's program copies the cache into its row-major layout and back per call (the planner counts them)
+    cfg, chunk = _gqa_eval_config(head_dim=128), 512
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, tpu.topology_devices("v5e-1"))
     lengths = [8192, 16384, 32768, 65536]
     temps = [plan_eval.program_memory(cfg, mesh, 1, chunk, t, 512).temporaries for t in lengths]
@@ -249,7 +251,7 @@ def test_prefill_chunk_temporaries_grow_linearly_in_the_cache_length():
     naive_temps = [tpu.memory(tpu.compile_for_tpu(naive, jax.ShapeDtypeStruct((chunk, heads, k_dim), jnp.bfloat16),
                                                   *[jax.ShapeDtypeStruct((t, heads, k_dim), jnp.bfloat16)] * 2,
                                                   topology="v5e-1")).temporaries for t in lengths[1:3]]
-    assert (naive_temps[1] - naive_temps[0]) / lengths[1] > 8 * cache_per_slot  # such a program fails the check
+    assert (naive_temps[1] - naive_temps[0]) / lengths[1] > 4 * cache_per_slot  # such a program fails the check
 
 
 def test_visited_blocks_follow_the_causal_chunks():
@@ -292,11 +294,14 @@ def test_eval_cli_prints_the_table_and_writes_json(tmp_path):
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     for row in ("| HBM KV cache |", "| HBM total: prefill chunk |", "| prefill: est. / floor |",
-                "| decode: est. / floor |", "| prefill: a key block | 4224 |", "| decode: a key block | 256 |"):
+                "| decode: est. / floor |", "| attention | Pallas kernel (modeled) |",
+                "| prefill: attention kernel: steps that compute | 16640 |",
+                "| decode: attention kernel: steps that compute | 128 |"):
         assert row in run.stdout, run.stdout
     p = json.loads((tmp_path / "eval.json").read_text())
     assert p["topology"] == "v5e-1" and p["length"] == 65536 and p["chunk"] == 2048 and p["fits"]
-    assert p["prefill_chunks"] == 32 and p["decode_blocks_visited"] == 128 and p["max_batch"] is None
+    assert p["prefill_chunks"] == 32 and p["decode_blocks_visited"] == 64 and p["max_batch"] is None
+    assert p["attention"] == "kernel" and p["block"] == 1024 and p["prefill_xla_seconds"] > 0
     for key in ("weights_gib", "cache_gib", "prefill_total_gib", "decode_total_gib", "prefill_seconds",
                 "prefill_flop_floor_seconds", "prefill_ratio", "decode_ms", "decode_hbm_floor_ms", "decode_ratio"):
         assert p[key] > 0, key
