@@ -67,11 +67,11 @@ def _token_of_row(rows, group: int):
     return rows // group
 
 
-def _key_block_bounds(meta_ref, start_ref, b, i, *, group: int, bq: int, bk: int):
+def _key_block_bounds(meta_ref, start_ref, b, i, *, group: int, bq: int, bk: int, key_blocks: int):
     """[lo, hi]: the key blocks query block `i` of row `b` sees."""
     length = meta_ref[1]
     lo = start_ref[b] // bk
-    hi = (length + _token_of_row((i + 1) * bq - 1, group)) // bk
+    hi = jnp.minimum((length + _token_of_row((i + 1) * bq - 1, group)) // bk, key_blocks - 1)
     return lo, hi
 
 
@@ -87,7 +87,7 @@ def _kernel(meta_ref, start_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_r
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    lo, hi = _key_block_bounds(meta_ref, start_ref, b, i, group=group, bq=bq, bk=bk)
+    lo, hi = _key_block_bounds(meta_ref, start_ref, b, i, group=group, bq=bq, bk=bk, key_blocks=-(-slots // bk))
     slot = j * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
     query_slot = meta_ref[1] + _token_of_row(i * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0), group)
 
@@ -143,7 +143,7 @@ def _local(q_BxNxRxK, k_cache, v_cache, meta_2, start_B, *, group: int, block: i
     T = k_cache.shape[3]
     bq, bk = query_block(R), block
     hb = heads_per_step(N, bq)
-    bounds = functools.partial(_key_block_bounds, group=group, bq=bq, bk=bk)
+    bounds = functools.partial(_key_block_bounds, group=group, bq=bq, bk=bk, key_blocks=-(-T // bk))
 
     def kv_index(b, n, i, j, meta_ref, start_ref):
         lo, hi = bounds(meta_ref, start_ref, b, i)

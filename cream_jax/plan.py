@@ -423,12 +423,22 @@ def main(argv: list[str] | None = None) -> NoReturn:
                          "train.target_length)")
     flags.DEFINE_integer("chunk", None, f"--eval: prefill tokens per chunk (evaluate's --chunk; default "
                          f"{plan_eval.DEFAULT_CHUNK}, or --length if shorter)")
-    flags.DEFINE_integer("block", plan_eval.generate.DEFAULT_BLOCK["tpu"], "--eval: cache slots per attention key block")
+    flags.DEFINE_integer("block", plan_eval.generate.DEFAULT_BLOCK["tpu"],
+                         "--eval: cache slots per attention key block")
     flags.DEFINE_integer("batch", None, "--eval: sequences (default: one per batch shard, mesh.data * mesh.fsdp)")
     flags.DEFINE_bool("max_batch", True, "--eval: also find the largest batch that fits (a few more compiles)")
-    flags.mark_flags_as_required(["config"])
+    flags.DEFINE_string("page", None, "--eval: plan the evaluations of docs/plan_eval.md (plan_eval.PAGE_PLANS; "
+                        "no --config) and write that page here, each plan's JSON beside it (about 20 minutes)")
 
     def _eval(f) -> int:
+        if f.page:
+            if f["config"].present:
+                return cli.report("--page plans the page's own recipes (plan_eval.PAGE_PLANS); drop --config")
+            plan_eval.write_page(f.page)
+            print(f"wrote {f.page}")
+            return 0
+        if f.config is None:
+            return cli.report("--config is required (the recipe to plan), or --page with --eval")
         train_only = [n for n in ("per_device_batch", "baseline", "search", "dump_hlo") if f[n].present]
         if train_only:
             return cli.report(f"--{train_only[0]} plans the train step; it does not go with --eval")
@@ -443,6 +453,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
         f = flags.FLAGS
         if f.eval:
             return _eval(f)
+        if f.page:
+            return cli.report("--page writes the evaluation planner's page; add --eval")
+        if f.config is None:
+            return cli.report("--config is required: the recipe to plan")
         eval_only = [n for n in ("length", "chunk", "block", "batch", "max_batch") if f[n].present]
         if eval_only:
             return cli.report(f"--{eval_only[0]} plans an evaluation; add --eval")

@@ -583,7 +583,8 @@ def plan_eval(c: ml_collections.ConfigDict, topology: str, length: int | None = 
         n = cfg.num_hidden_layers
         copy = Cost(cache_bytes / bandwidth, 0.0, cache_bytes)  # one array (k or v), read and written
         for name, parts, m in (("prefill chunk", prefill, prefill_mem), ("decode step", decode, decode_mem)):
-            if not kernel and (extra := m.cache_copies - parts.cache_copies):  # the compiler laid the cost compiles out otherwise
+            # the compiler laid the cost compiles out otherwise (with the kernel: `with_copies` below)
+            if not kernel and (extra := m.cache_copies - parts.cache_copies):
                 parts.outside, parts.cache_copies = parts.outside + extra * copy, m.cache_copies
                 notes.append(f"the {name} cost compiles copy the whole cache {m.cache_copies - extra} times, the "
                              f"program itself {m.cache_copies}: {extra:+d} copies at HBM bandwidth added")
@@ -624,7 +625,8 @@ def plan_eval(c: ml_collections.ConfigDict, topology: str, length: int | None = 
         code_gib=None if prefill_mem.code is None else prefill_mem.code / GIB,
         prefill_total_gib=None if prefill_mem.total is None else prefill_mem.total / GIB,
         decode_total_gib=None if decode_mem.total is None else decode_mem.total / GIB,
-        attention="kernel" if kernel else "xla", cache_copies_prefill=prefill_mem.cache_copies, cache_copies_decode=decode_mem.cache_copies,
+        attention="kernel" if kernel else "xla", cache_copies_prefill=prefill_mem.cache_copies,
+        cache_copies_decode=decode_mem.cache_copies,
         fits=fits, max_batch=max_batch, max_batch_method=how,
         prefill_chunks=len(blocks), prefill_blocks_visited=sum(blocks), prefill_seconds=prefill_s,
         prefill_flop_floor_seconds=prefill_floor,
@@ -728,8 +730,70 @@ def time_table(p: EvalPlan, chip: flops_lib.Chip | None = None) -> str:
             if label == "outside the layers" and copies:
                 seconds = copies * chunks * copy_s
                 lines.append(f"| {program}: of which whole-cache layout copies | {copies * chunks} | "
-                             f"{seconds * scale:.4g} {unit} | {seconds / total:.1%} | 0 | {seconds * scale:.4g} {unit} |")
+                             f"{seconds * scale:.4g} {unit} | {seconds / total:.1%} | 0 | "
+                             f"{seconds * scale:.4g} {unit} |")
     return "\n".join(lines)
+
+
+# The evaluations docs/plan_eval.md plans (`write_page`): (recipe, topology, context).
+PAGE_PLANS = (
+    ("configs/llama2_7b_cream_32k.py", "v5p-8", 32768),
+    ("configs/llama2_7b_cream_256k.py", "v5p-8", 262144),
+    ("configs/llama3_8b_cream_128k.py", "v5p-8", 131072),
+    ("configs/tinyllama_1b_cream_32k.py", "v5e-1", 32768),
+)
+PREFILL_TARGET, DECODE_TARGET = 2.0, 1.5  # est. / floor that a plan should reach
+
+
+def _verdict(ratio: float | None, target: float) -> str:
+    if ratio is None:
+        return "not estimated"
+    return f"{ratio:.2f}x: {'within' if ratio <= target else 'misses'} {target:g}x"
+
+
+def page(plans: list[EvalPlan], command: str) -> str:
+    """docs/plan_eval.md: the plans side by side, each one's split of the time and notes."""
+    lines = ["# Planner output: evaluation at 32K-256K on TPU", "",
+             "Produced on a CPU-only machine (libtpu, ahead-of-time compiles of `generate.extend`) by:", "",
+             f"    {command}", "",
+             "Each column is one evaluation: the model in bfloat16, a cache of the context's length, the prompt",
+             "prefilled in chunks and one decode step at the full context (cream_jax/plan_eval.py says how each",
+             "figure is obtained). HBM figures are the TPU compiler's. With the Pallas kernel (`cache_kernel`, the",
+             "default on TPU) the compiler costs the kernel at nothing, so its time is modeled from its grid: each",
+             "step that computes a key block at the larger of its matmuls at peak and its key and value blocks at",
+             f"HBM bandwidth, plus {cache_kernel.STEP_OVERHEAD_S * 1e6:.2f} us per grid step; the vector unit's "
+             "softmax is not in it. The",
+             "estimate with XLA's key-block loop (no kernel), from the compiler's cost analysis, is beside it. No",
+             "figure here was timed on a TPU.", "",
+             "## Side by side", "", table(plans), "",
+             "| plan | prefill est. / FLOP floor | decode est. / HBM floor |", "|---|---|---|"]
+    for p in plans:
+        lines.append(f"| {p.config}, {p.length} on {p.topology} | {_verdict(p.prefill_ratio, PREFILL_TARGET)} | "
+                     f"{_verdict(p.decode_ratio, DECODE_TARGET)} |")
+    for p in plans:
+        lines += ["", f"## {p.config}: {p.length} slots on {p.topology}", ""]
+        if p.max_batch is not None:
+            lines += [f"Largest batch: {p.max_batch_method}.", ""]
+        if where := time_table(p):
+            lines += ["Where the time goes (per chip; counts are of each part's executions):", "", where, ""]
+        lines += [f"- {note}" for note in p.notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_page(path: str | Path, root: str | Path | None = None) -> list[EvalPlan]:
+    """Plan `PAGE_PLANS` (recipes under `root`, default this repository) and write the page at `path` and each
+    plan's JSON beside it (plan_eval_<recipe>.json)."""
+    path, root = Path(path), Path(root) if root else Path(__file__).resolve().parents[1]
+    plans = []
+    for recipe, topology, length in PAGE_PLANS:
+        c = tc.load_config(root / recipe)
+        c.name = Path(recipe).stem
+        plans.append(plan_eval(c, topology, length=length, progress=lambda what, c=c: print(
+            f"planning {c.name}: {what}", file=sys.stderr, flush=True)))
+        (path.parent / f"plan_eval_{c.name}.json").write_text(json.dumps(dataclasses.asdict(plans[-1]), indent=2)
+                                                               + "\n")
+    path.write_text(page(plans, f"python -m cream_jax.plan --eval --page={path}"))
+    return plans
 
 
 def run(c: ml_collections.ConfigDict, topology: str, *, json_path: str | None = None, **options: Any) -> int:

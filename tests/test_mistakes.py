@@ -31,6 +31,8 @@ ABSL_MISTAKES = [
      "--length=1000 is not a multiple of --chunk=512"),
     ("cream_jax.plan", [TINY, "--eval", "--config.mesh.tensor=4"],
      "num_key_value_heads=2 is not divisible by mesh.tensor=4"),
+    ("cream_jax.plan", [TINY, "--eval", "--page={tmp}/plan_eval.md"], "--page plans the page's own recipes"),
+    ("cream_jax.plan", ["--eval"], "--config is required (the recipe to plan), or --page with --eval"),
 ]
 ARGPARSE_MISTAKES = [
     ("cream_jax.evaluate", ["--hf={hf}", "--task=kv"], "--task=kv needs --keys or --lengths"),

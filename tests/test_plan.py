@@ -302,6 +302,11 @@ def test_eval_cli_prints_the_table_and_writes_json(tmp_path):
     assert p["topology"] == "v5e-1" and p["length"] == 65536 and p["chunk"] == 2048 and p["fits"]
     assert p["prefill_chunks"] == 32 and p["decode_blocks_visited"] == 64 and p["max_batch"] is None
     assert p["attention"] == "kernel" and p["block"] == 1024 and p["prefill_xla_seconds"] > 0
+    from cream_jax import plan_eval
+
+    text = plan_eval.page([plan_eval.EvalPlan(**p)], "python -m cream_jax.plan --eval --page=x.md")
+    assert f"| tiny_cream, 65536 on v5e-1 | {p['prefill_ratio']:.2f}x: " in text
+    assert "## tiny_cream: 65536 slots on v5e-1" in text and "| prefill: attention kernel: steps that compute |" in text
     for key in ("weights_gib", "cache_gib", "prefill_total_gib", "decode_total_gib", "prefill_seconds",
                 "prefill_flop_floor_seconds", "prefill_ratio", "decode_ms", "decode_hbm_floor_ms", "decode_ratio"):
         assert p[key] > 0, key
