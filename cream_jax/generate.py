@@ -14,7 +14,7 @@ Attention against the cache is flash-style (`cached_attention`): the keys are re
 with an online softmax, so a chunk of C tokens needs O(C x block) memory per layer instead of C x max_len, and
 blocks that no query of the call can see are never computed: those entirely after the chunk (the causal
 half of a prefill's work; a decode step reads only the filled slots) and those entirely in every row's left
-padding. The whole cache is carried through the layer scan and each layer writes its C new slots in place.
+padding. Blocks that every query sees whole (`clean_range`) build and apply no mask. The whole cache is carried through the layer scan and each layer writes its C new slots in place.
 A prefill computes the vocabulary projection of its last token only.
 
 On a mesh (`jax.set_mesh`) the cache is created in its shards (`cache_sharding`: kv heads over `tensor`,
@@ -120,12 +120,16 @@ def to_host(x: jax.Array) -> np.ndarray:
 
 
 def _block_update(carry, q_BxNxGxCxK, k_BxNxSxK, v_BxNxSxK, visible_BxCxS):
-    """One key block of the online softmax: the running (output, max, sum) updated with this block's keys."""
+    """One key block of the online softmax: the running (output, max, sum) updated with this block's keys
+    (`visible_BxCxS` None: every query sees every key of the block)."""
     o, m, row_sum = carry
     s = jnp.einsum("bngck,bnsk->bngcs", q_BxNxGxCxK, k_BxNxSxK, preferred_element_type=jnp.float32)
-    s = jnp.where(visible_BxCxS[:, None, None], s, _MASKED)
+    if visible_BxCxS is not None:
+        s = jnp.where(visible_BxCxS[:, None, None], s, _MASKED)
     m_new = jnp.maximum(m, s.max(-1))
-    p = jnp.where(visible_BxCxS[:, None, None], jnp.exp(s - m_new[..., None]), 0.0)
+    p = jnp.exp(s - m_new[..., None])
+    if visible_BxCxS is not None:
+        p = jnp.where(visible_BxCxS[:, None, None], p, 0.0)
     correction = jnp.exp(m - m_new)
     pv = jnp.einsum("bngcs,bnsk->bngck", p.astype(v_BxNxSxK.dtype), v_BxNxSxK, preferred_element_type=jnp.float32)
     return o * correction[..., None] + pv, m_new, row_sum * correction + p.sum(-1)
@@ -142,6 +146,13 @@ def block_range(cache: KVCache, num_tokens: int, block: int | None, skip: bool =
     first = jnp.min(cache.start) // block
     last = jnp.minimum((cache.length + num_tokens + block - 1) // block, num_blocks)
     return first.astype(jnp.int32), last.astype(jnp.int32)
+
+
+def clean_range(cache: KVCache, first: jax.Array, last: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+    """[lo, hi) within [first, last): the blocks that every query of every row sees whole (after every row's
+    left padding, before the new tokens' slots), which need no mask."""
+    lo = jnp.clip(-(-jnp.max(cache.start) // block), first, last)
+    return lo, jnp.clip(cache.length // block, lo, last)
 
 
 def use_kernel(kernel: bool | None, platform: str = "") -> bool:
@@ -171,21 +182,29 @@ def cached_attention(q_BxCxHxK: jax.Array, cache: KVCache, layer: jax.Array, blo
     q_BxNxGxCxK = q_BxCxHxK_scaled.reshape(B, C, N, G, K).transpose(0, 2, 3, 1, 4)
     query_slot_C = cache.length + jnp.arange(C, dtype=jnp.int32)
 
-    def step(j, carry):
+    def blocks_at(first_slot):
+        return (jax.lax.dynamic_slice(x, (layer, 0, 0, first_slot, 0), (1, B, N, block, K))[0]
+                for x in (cache.k, cache.v))
+
+    def masked(j, carry):
         nominal = j * block
         first_slot = jnp.minimum(nominal, T - block)  # the last block overlaps the one before when T % block
-        k_BxNxSxK = jax.lax.dynamic_slice(cache.k, (layer, 0, 0, first_slot, 0), (1, B, N, block, K))[0]
-        v_BxNxSxK = jax.lax.dynamic_slice(cache.v, (layer, 0, 0, first_slot, 0), (1, B, N, block, K))[0]
         slot_S = first_slot + jnp.arange(block, dtype=jnp.int32)
         visible_BxCxS = ((slot_S >= nominal)[None, None, :]  # overlapping slots count in their own block only
                          & (slot_S[None, None, :] <= query_slot_C[None, :, None])
                          & (slot_S[None, :] >= cache.start[:, None])[:, None, :])
-        return _block_update(carry, q_BxNxGxCxK, k_BxNxSxK, v_BxNxSxK, visible_BxCxS)
+        return _block_update(carry, q_BxNxGxCxK, *blocks_at(first_slot), visible_BxCxS)
+
+    def whole(j, carry):  # a block every query sees whole: no mask to build or apply
+        return _block_update(carry, q_BxNxGxCxK, *blocks_at(j * block), None)
 
     init = (jnp.zeros((B, N, G, C, K), jnp.float32), jnp.full((B, N, G, C), _MASKED, jnp.float32),
             jnp.zeros((B, N, G, C), jnp.float32))
     first, last = block_range(cache, C, block, skip)
-    o, _, row_sum = jax.lax.fori_loop(first, last, step, init)
+    lo, hi = clean_range(cache, first, last, block)
+    carry = jax.lax.fori_loop(first, lo, masked, init)
+    carry = jax.lax.fori_loop(lo, hi, whole, carry)
+    o, _, row_sum = jax.lax.fori_loop(hi, last, masked, carry)
     row_sum = jnp.where(row_sum == 0, 1.0, row_sum)  # a padding query sees no key at all
     out = (o / row_sum[..., None]).astype(q_BxCxHxK.dtype)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, C, H, K)

@@ -284,10 +284,11 @@ def cost_loops(blocks: int, layers_per_iteration: int = 1) -> Iterator[None]:
     `blocks` blocks (0 to `blocks`), and `layers_per_iteration` layers in each iteration of the layer scan
     (its `unroll`), so that the cost analysis, which counts a loop's body once, counts those blocks and layers
     (the module docstring). generate.py has no hook for it, so the functions it calls are replaced for the
-    duration: `generate.block_range`, `jax.lax.fori_loop` (a Python loop only where the bounds are Python ints;
-    any other loop traced meanwhile gets jax's own) and `jax.lax.scan` (with `unroll`). Tracing only: the
-    programs these traces compile to run nowhere."""
-    scan, fori_loop, block_range = jax.lax.scan, jax.lax.fori_loop, generate.block_range
+    duration: `generate.block_range` and `generate.clean_range` (every block masked), `jax.lax.fori_loop` (a
+    Python loop only where the bounds are Python ints; any other loop traced meanwhile gets jax's own) and
+    `jax.lax.scan` (with `unroll`). Tracing only: the programs these traces compile to run nowhere."""
+    scan, fori_loop = jax.lax.scan, jax.lax.fori_loop
+    block_range, clean_range = generate.block_range, generate.clean_range
 
     def python_fori_loop(lower, upper, body, init, **kwargs):
         if not (isinstance(lower, int) and isinstance(upper, int)):
@@ -299,10 +300,12 @@ def cost_loops(blocks: int, layers_per_iteration: int = 1) -> Iterator[None]:
     jax.lax.scan = functools.partial(scan, unroll=layers_per_iteration)
     jax.lax.fori_loop = python_fori_loop
     generate.block_range = lambda cache, num_tokens, block, skip=True: (0, blocks)
+    generate.clean_range = lambda cache, first, last, block: (last, last)  # all masked: whole blocks cost less
     try:
         yield
     finally:
         jax.lax.scan, jax.lax.fori_loop, generate.block_range = scan, fori_loop, block_range
+        generate.clean_range = clean_range
 
 
 def _cost_of(compiled: jax.stages.Compiled) -> Cost:
