@@ -14,8 +14,10 @@ Attention against the cache is flash-style (`cached_attention`): the keys are re
 with an online softmax, so a chunk of C tokens needs O(C x block) memory per layer instead of C x max_len, and
 blocks that no query of the call can see are never computed: those entirely after the chunk (the causal
 half of a prefill's work; a decode step reads only the filled slots) and those entirely in every row's left
-padding. Blocks that every query sees whole (`clean_range`) build and apply no mask. The whole cache is carried through the layer scan and each layer writes its C new slots in place.
-A prefill computes the vocabulary projection of its last token only.
+padding. Blocks that every query sees whole (`clean_range`) build and apply no mask. The whole cache is
+carried through the layer scan and each layer writes its C new slots in place. A prefill computes the
+vocabulary projection of its last token only. On TPU one Pallas kernel per layer does the block loop
+(`cache_kernel`), its scores kept in VMEM.
 
 On a mesh (`jax.set_mesh`) the cache is created in its shards (`cache_sharding`: kv heads over `tensor`,
 the batch over `data` and `fsdp`, by the rule table of training), and the token ids are given to every

@@ -437,8 +437,6 @@ def main(argv: list[str] | None = None) -> NoReturn:
             plan_eval.write_page(f.page)
             print(f"wrote {f.page}")
             return 0
-        if f.config is None:
-            return cli.report("--config is required (the recipe to plan), or --page with --eval")
         train_only = [n for n in ("per_device_batch", "baseline", "search", "dump_hlo") if f[n].present]
         if train_only:
             return cli.report(f"--{train_only[0]} plans the train step; it does not go with --eval")
@@ -455,8 +453,6 @@ def main(argv: list[str] | None = None) -> NoReturn:
             return _eval(f)
         if f.page:
             return cli.report("--page writes the evaluation planner's page; add --eval")
-        if f.config is None:
-            return cli.report("--config is required: the recipe to plan")
         eval_only = [n for n in ("length", "chunk", "block", "batch", "max_batch") if f[n].present]
         if eval_only:
             return cli.report(f"--{eval_only[0]} plans an evaluation; add --eval")

@@ -263,7 +263,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 
     try:
         rest = flags.FLAGS(argv)
-        if "config" in flags.FLAGS:
+        own_recipes = "page" in flags.FLAGS and flags.FLAGS.page and not flags.FLAGS["config"].present
+        if "config" in flags.FLAGS and not own_recipes:  # `plan --eval --page` plans its own recipes
             flags.FLAGS.config.keys()  # a failed load shows at first use: here, not mid-run
         return rest
     except flags.Error as e:  # unknown flag or bad value: absl's message names the flag

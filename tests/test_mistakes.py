@@ -32,7 +32,7 @@ ABSL_MISTAKES = [
     ("cream_jax.plan", [TINY, "--eval", "--config.mesh.tensor=4"],
      "num_key_value_heads=2 is not divisible by mesh.tensor=4"),
     ("cream_jax.plan", [TINY, "--eval", "--page={tmp}/plan_eval.md"], "--page plans the page's own recipes"),
-    ("cream_jax.plan", ["--eval"], "--config is required (the recipe to plan), or --page with --eval"),
+    ("cream_jax.plan", ["--eval"], "--config is required: a recipe file such as configs/tiny_cream.py"),
 ]
 ARGPARSE_MISTAKES = [
     ("cream_jax.evaluate", ["--hf={hf}", "--task=kv"], "--task=kv needs --keys or --lengths"),
