@@ -773,6 +773,11 @@ def page(plans: list[EvalPlan], command: str) -> str:
     for p in plans:
         lines.append(f"| {p.config}, {p.length} on {p.topology} | {_verdict(p.prefill_ratio, PREFILL_TARGET)} | "
                      f"{_verdict(p.decode_ratio, DECODE_TARGET)} |")
+    if any(p.cache_copies_prefill or p.cache_copies_decode for p in plans):
+        lines += ["", "Whole-cache layout copies (in a plan's notes): a TPU array takes the compiler's default layout,",
+                  "which for a cache with head_dim 64 puts the slots minor; the kernel reads the cache row-major,",
+                  "so each call copies k and v into that layout and back. With head_dim 128 (the 7-8B models) the",
+                  "cache stays in place."]
     for p in plans:
         lines += ["", f"## {p.config}: {p.length} slots on {p.topology}", ""]
         if p.max_batch is not None:

