@@ -709,21 +709,18 @@ def time_table(p: EvalPlan, chip: flops_lib.Chip | None = None) -> str:
             ("prefill", p.prefill_parts, p.prefill_kernel, p.prefill_chunks, p.prefill_blocks_visited,
              p.cache_copies_prefill, "s", 1.0),
             ("decode", p.decode_parts, p.decode_kernel, 1, p.decode_blocks_visited, p.cache_copies_decode, "ms", 1e3)):
-        outside = parts["outside"]
-        if kernel:  # the cost compiles' copies replaced by the kernel program's own (`with_copies`)
-            outside = kw["outside"]
-            rows = [("outside the layers", chunks, outside), ("a layer without attention", chunks * layers,
-                                                               parts["layer"])]
+        # (label, count, the cost of one or of all, multiplier to the total)
+        outside = kw["outside"] if kernel else parts["outside"]  # kernel: its program's copies (`with_copies`)
+        rows = [("outside the layers", chunks, outside, chunks),
+                ("a layer without attention", chunks * layers, parts["layer"], chunks * layers)]
+        if kernel:
             overhead = kw["overhead_seconds"]
             rows += [("attention kernel: steps that compute", kw["computed"],
                       {"seconds": kw["seconds"] - overhead, "flops": kw["flops"], "bytes": kw["bytes"]}, 1),
                      ("attention kernel: grid-step overhead (all steps)", kw["steps"],
                       {"seconds": overhead, "flops": 0.0, "bytes": 0.0}, 1)]
         else:
-            rows = [("outside the layers", chunks, outside), ("a layer without attention", chunks * layers,
-                                                               parts["layer"]),
-                    ("a key block", blocks * layers, parts["block"])]
-        rows = [(label, n, cost, 1 if len(row) > 3 else n) for row in rows for label, n, cost, *_ in [row]]
+            rows.append(("a key block", blocks * layers, parts["block"], blocks * layers))
         total = sum(cost["seconds"] * mult for _, _, cost, mult in rows)
         for label, n, cost, mult in rows:
             at_peak = cost["flops"] * mult / chip.peak_flops * scale
