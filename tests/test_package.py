@@ -19,12 +19,14 @@ from helpers import ROOT, cli_env
 PACKAGE = Path(cream_jax.__file__).parent
 # Shipped beside HF exports as transformers remote code (it imports transformers, not cream_jax).
 REMOTE_CODE = "cream_jax.hf_remote_code"
+# Runs inside a vLLM server (it imports vllm and torch, not jax); tests/test_serving.py runs it there.
+VLLM_MODEL = "cream_jax.vllm_eabf"
 
 
 def _modules() -> list[str]:
     names = ["cream_jax"]
     for info in pkgutil.walk_packages([str(PACKAGE)], prefix="cream_jax."):
-        if not info.name.startswith(REMOTE_CODE):
+        if not info.name.startswith((REMOTE_CODE, VLLM_MODEL)):
             names.append(info.name)
     return sorted(names)
 
@@ -38,6 +40,14 @@ def test_every_project_error_derives_from_the_one_base_class():
                 errors.append(cls)
     assert len(errors) >= 9
     assert [e.__qualname__ for e in errors if not issubclass(e, CreamError)] == []
+
+
+def test_the_vllm_plugin_imports_without_jax_or_flax():
+    code = ("import sys, cream_jax.vllm_plugin as p; bad = [m for m in ('jax', 'flax', 'optax', 'numpy') "
+            "if m in sys.modules]; assert bad == [], bad; print(p.ARCHITECTURE)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "EabfLlamaForCausalLM"
 
 
 def test_every_module_says_its_concern_in_its_first_docstring_line():
