@@ -20,9 +20,9 @@ def main(spec_path: str, out_path: str) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True, detokenize=False)
     results = []
     for model in spec["models"]:
-        llm = LLM(model=model["path"], skip_tokenizer_init=True, dtype="float32", enforce_eager=True, seed=0,
-                  max_model_len=spec.get("max_model_len", 2048), max_num_seqs=len(model["prompts"]))
-        arch = type(llm.llm_engine.model_config).__name__
+        llm = LLM(model=model["path"], skip_tokenizer_init=True, dtype="float32", enforce_eager=True, seed=0, distributed_executor_backend="uni",
+                  max_model_len=spec.get("max_model_len", 2048), max_num_seqs=len(model["prompts"]),
+                  trust_remote_code=model.get("trust_remote_code", False))
         arch = llm.llm_engine.model_config.architectures
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in model["prompts"]], params, use_tqdm=False)
         results.append({"path": model["path"], "architectures": arch,
