@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -37,6 +38,18 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
 _HF_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 _ROPE_FIELDS = [f.name for f in dataclasses.fields(RopeConfig) if f.name not in ("type", "theta")]
+
+
+class ServingWarning(UserWarning):
+    """An export that transformers runs as cream-jax does but GPU servers run differently."""
+
+
+DYNAMIC_NTK_SERVING = (
+    "rope.type='dynamic': transformers and cream-jax grow the RoPE base with each sequence's length, but vLLM "
+    "and SGLang compute one base, for length max_position_embeddings * factor, so served tokens differ from "
+    "ours. To serve exactly, export a fixed base: rope={'type': 'ntk', 'factor': s} with s = factor * L / "
+    "max_position_embeddings - factor + 1 is the base dynamic NTK uses at length L; or fine-tune with 'yarn', "
+    "which the servers compute as we do (docs/serving.md).")
 
 
 class HFFormatError(CreamError, ValueError):
@@ -340,6 +353,8 @@ def save_hf(module: model_lib.Llama, path: str | os.PathLike, tokenizer: str | o
     `max_shard_bytes`), the EABF modeling file when EABF is on, and the SentencePiece tokenizer if given.
     `dtype` defaults to the parameters' dtype."""
     cfg: LlamaConfig = module.config
+    if cfg.rope.type == "dynamic":
+        warnings.warn(DYNAMIC_NTK_SERVING, ServingWarning, stacklevel=2)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     np_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))

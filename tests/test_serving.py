@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import cream_jax
-from cream_jax import generate
+from cream_jax import generate, hf
 from helpers import ROOT
 
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -33,8 +33,6 @@ VARIANTS = {
                                                          "skip_layers": (0, 1)}},
     "eabf": {"rope": {"theta": 40000.0}, "eabf": {"enabled": True, "base_length": WINDOW, "skip_layers": ()}},
 }
-
-pytestmark = pytest.mark.slow
 
 
 def sharp_model(cfg, seed: int = 0) -> cream_jax.Llama:
@@ -77,6 +75,7 @@ def exports(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_variants_are_sharp_enough_to_tell_apart(exports):
     tokens = {name: tuple(map(tuple, ours)) for name, (_, _, ours) in exports.items()}
     assert len(set(tokens.values())) == len(tokens), "two variants give the same greedy tokens"
@@ -84,6 +83,7 @@ def test_variants_are_sharp_enough_to_tell_apart(exports):
         assert all(len(set(row)) > 2 for row in rows), f"{name}: a prompt repeats one or two tokens"
 
 
+@pytest.mark.slow
 def test_vllm_greedy_tokens_equal_cream_jax(exports, tmp_path):
     served = vllm_greedy([{"path": str(path), "prompts": prompts.tolist()}
                           for path, prompts, _ in exports.values()], tmp_path)
@@ -93,9 +93,17 @@ def test_vllm_greedy_tokens_equal_cream_jax(exports, tmp_path):
         assert got["tokens"] == ours, f"{name}: vLLM's greedy tokens differ from cream-jax's"
 
 
+@pytest.mark.slow
 def test_without_the_plugin_vllm_serves_eabf_wrongly(exports, tmp_path):
     path, prompts, ours = exports["eabf"]
     # VLLM_PLUGINS names the plugins vLLM loads: none of ours. The export's remote code is all vLLM has left.
     served = vllm_greedy([{"path": str(path), "prompts": prompts.tolist(), "trust_remote_code": True}],
                          tmp_path, VLLM_PLUGINS="none")
     assert served[0]["tokens"] != ours
+
+
+def test_a_dynamic_ntk_export_warns_and_names_the_alternatives(tmp_path):
+    cfg = cream_jax.preset("debug", rope={"type": "dynamic", "factor": 4.0})
+    with pytest.warns(hf.ServingWarning, match="vLLM and SGLang compute one base.*'ntk'.*'yarn'"):
+        cream_jax.save_hf(cream_jax.init(cfg), tmp_path, progress=False)
+    assert (tmp_path / "config.json").exists()  # a warning: transformers still runs it exactly

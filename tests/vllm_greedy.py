@@ -20,7 +20,8 @@ def main(spec_path: str, out_path: str) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True, detokenize=False)
     results = []
     for model in spec["models"]:
-        llm = LLM(model=model["path"], skip_tokenizer_init=True, dtype="float32", enforce_eager=True, seed=0, distributed_executor_backend="uni",
+        llm = LLM(model=model["path"], skip_tokenizer_init=True, dtype="float32", enforce_eager=True, seed=0,
+                  distributed_executor_backend="uni",  # with VLLM_ENABLE_V1_MULTIPROCESSING=0: all in this process
                   max_model_len=spec.get("max_model_len", 2048), max_num_seqs=len(model["prompts"]),
                   trust_remote_code=model.get("trust_remote_code", False))
         arch = llm.llm_engine.model_config.architectures
