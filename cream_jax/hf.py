@@ -40,7 +40,7 @@ _HF_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 _ROPE_FIELDS = [f.name for f in dataclasses.fields(RopeConfig) if f.name not in ("type", "theta")]
 
 
-class ServingWarning(UserWarning):
+class ServingWarning(CreamError, UserWarning):
     """An export that transformers runs as cream-jax does but GPU servers run differently."""
 
 
